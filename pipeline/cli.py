@@ -27,6 +27,8 @@ COMMANDS = [
     ("report", "report"),
     ("report", "compare"),
     ("runpod", "runpod"),
+    ("infra", "storage"),
+    ("infra", "stack"),
 ]
 
 
