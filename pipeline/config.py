@@ -1,0 +1,332 @@
+"""One typed run config: dataclasses, loaded from YAML and overridden by CLI flags.
+
+`TrainConfig` drives every part of a training run (data, model, loss, optimisation, cluster), the
+way torchtitan's single job config does. A YAML file gives any subset of the keys, CLI flags
+override single dotted keys (`train.epochs`), and anything unknown or of the wrong type is a
+`UserError` naming the key and where it came from. The resolved config is written to
+`OUT/config.yaml` through `redact()`, so a credential that slipped into a URI or an address never
+reaches a file.
+
+This module imports no torch and no Ray: the CLI loads and checks a config before paying for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import yaml
+
+from pipeline.errors import UserError
+
+TASKS = ("type", "pointer", "span", "countdown")
+
+
+@dataclass
+class ModelSection:
+    """JadeCompact hyper-parameters (`pipeline.model.JadeConfig`); n_features comes from the data."""
+    hidden: int = 96
+    num_layers: int = 1
+    input_dropout: float = 0.3
+    recurrent_dropout: float = 0.7
+    dense_dropout: float = 0.6
+    num_classes: int = 3
+    head_width: int = 64
+    tasks: tuple[str, ...] = TASKS
+
+
+@dataclass
+class LossSection:
+    """Per-task losses and the weighting between them (`pipeline.reducer.LossConfig`)."""
+    countdown_scale: str = "unit"
+    span_pos_weight: float = 1.0
+    pointer_delta: float = 0.08
+    countdown_delta: float = 1.0
+    weighting: str = "uncertainty"
+    weighting_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 20
+    batch_size: int = 32          # global: each of W workers takes batch_size / W
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0        # max global grad norm; 0 turns clipping off
+    scheduler: str = "constant"   # "constant" or "cosine" (over epochs * steps per epoch)
+    seed: int = 0
+    checkpoint_every_steps: int = 0   # 0: only at the end of each epoch
+    keep_checkpoints: int = 3         # newest is always kept, then the best by best_metric
+    best_metric: str = "val_loss"     # a key of the metrics record; dotted for nested keys
+    best_mode: str = "min"            # "min" or "max"
+    early_stop_patience: int = 0      # epochs without improvement before stopping; 0 = never
+    probe_every: int = 10             # GradientProbe period in steps
+
+
+@dataclass
+class ClusterSection:
+    address: str | None = None    # None: start a local Ray; "auto" or HOST:PORT joins a cluster
+    workers: int = 2              # 0 = Ray Train local mode (in-process)
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    run_id: str = ""              # unique per run; set when the run is created
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def validate(self) -> "TrainConfig":
+        """Checks across keys; each message names the flag or key to change."""
+        t, c, m = self.train, self.cluster, self.model
+        if not self.data:
+            raise UserError("no data: pass --data URI (a shard directory with manifest.json)")
+        if not self.out:
+            raise UserError("no output: pass --out URI (the run directory)")
+        _positive("train.epochs (--epochs)", t.epochs)
+        _positive("train.batch_size (--batch-size)", t.batch_size)
+        if t.lr <= 0:
+            raise UserError(f"train.lr (--lr) must be > 0, got {t.lr}")
+        if c.workers < 0:
+            raise UserError(f"cluster.workers (--workers) must be >= 0, got {c.workers}")
+        world = max(c.workers, 1)
+        if t.batch_size % world:
+            raise UserError(
+                f"--batch-size {t.batch_size} is the global batch and must be divisible by "
+                f"--workers {c.workers}: use a multiple of {world}")
+        if c.max_failures < 0:
+            raise UserError(f"cluster.max_failures (--max-failures) must be >= 0, got {c.max_failures}")
+        if c.workers == 0 and c.max_failures:
+            raise UserError("--max-failures needs worker processes: local mode (--workers 0) "
+                            "cannot restart itself; use --workers 1 or more")
+        if t.best_mode not in ("min", "max"):
+            raise UserError(f"train.best_mode must be 'min' or 'max', got {t.best_mode!r}")
+        if t.scheduler not in ("constant", "cosine"):
+            raise UserError(f"train.scheduler must be 'constant' or 'cosine', got {t.scheduler!r}")
+        for key in ("checkpoint_every_steps", "early_stop_patience", "grad_clip"):
+            if getattr(t, key) < 0:
+                raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        _positive("train.keep_checkpoints", t.keep_checkpoints)
+        _positive("train.probe_every", t.probe_every)
+        unknown = [x for x in m.tasks if x not in TASKS]
+        if unknown or not m.tasks:
+            raise UserError(f"model.tasks {list(m.tasks)}: choose one or more of {list(TASKS)}")
+        return self
+
+
+def _positive(name: str, value) -> None:
+    if value < 1:
+        raise UserError(f"{name} must be >= 1, got {value}")
+
+
+def _plain(obj):
+    """Tuples to lists, recursively, so the dict is YAML/JSON friendly."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _type_ok(value, tp) -> tuple[bool, Any]:
+    """(accepted, value converted to the field type) for the few types our config uses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return True, None
+                continue
+            ok, conv = _type_ok(value, arm)
+            if ok:
+                return True, conv
+        return False, value
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return True, tuple(value)
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
+    raise TypeError(f"config field type {tp} not handled")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls, data: dict, where: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, "
+                        f"got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown key {prefix}{unknown[0]} "
+                        f"(known under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, where, f"{prefix}{name}.")
+            continue
+        ok, conv = _type_ok(value, tp)
+        if not ok:
+            raise UserError(f"{where}: {prefix}{name} must be {_type_name(tp)}, "
+                            f"got {type(value).__name__} {value!r}")
+        kwargs[name] = conv
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "weighting_options":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _nest(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    from pipeline import storage
+    text = storage.read_text(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{line} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """Defaults <- `base` (a saved config) <- YAML file <- CLI overrides (dotted keys; None = unset)."""
+    merged: dict = dict(base or {})
+    if base is not None:
+        _build(TrainConfig, merged, "saved config")
+    if path:
+        from_file = read_yaml(path)
+        _build(TrainConfig, from_file, path)  # names the file in errors
+        merged = _merge(merged, from_file)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if flags:
+        _build(TrainConfig, _nest(flags), "command line")
+        merged = _merge(merged, _nest(flags))
+    return _build(TrainConfig, merged, path or "config")
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Hash of what decides the optimisation; epochs, cluster and stopping may change on resume."""
+    d = cfg.to_dict()
+    keep = {"model": d["model"], "loss": d["loss"],
+            "train": {k: d["train"][k] for k in ("batch_size", "lr", "weight_decay", "grad_clip",
+                                                  "scheduler", "seed")}}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_conflicts(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Dotted keys that may not change when a run is resumed."""
+    a, b = saved.to_dict(), new.to_dict()
+    keys = [f"model.{k}" for k in a["model"]] + [f"loss.{k}" for k in a["loss"]]
+    keys += [f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "grad_clip", "scheduler",
+                                    "seed")]
+    keys += ["data"]
+    out = []
+    for key in keys:
+        sec, _, name = key.partition(".")
+        va = a[sec][name] if name else a[sec]
+        vb = b[sec][name] if name else b[sec]
+        if va != vb:
+            out.append(f"{key} ({va!r} -> {vb!r})")
+    return out
+
+
+# ---------------------------------------------------------------- secrets
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN",
+              "RUNPOD_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+MASK = "***"
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|api_?key|access_?key|credential)", re.I)
+
+
+def _redact_str(text: str) -> str:
+    # Any credential value from the environment, wherever it appears.
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, MASK)
+    # user:password@ in URIs, and secret-looking query parameters (s3://b/p?secret_key=...).
+    if "://" in text:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, MASK if _SECRET_KEY.search(k) else v) for k, v in pairs],
+                              safe="*")
+        text = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return text
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a config dict (or any JSON-like value) with credentials masked."""
+    if isinstance(obj, dict):
+        return {k: (MASK if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _redact_str(obj)
+    return obj
