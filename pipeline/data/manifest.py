@@ -1,0 +1,132 @@
+"""`manifest.json`: the table of contents of a shard set, and its integrity check.
+
+A shard set is complete only once its manifest exists: `data shard` writes the manifest last,
+after every shard is published under its final name. The manifest carries, per shard, its row
+count, size, sha256 and row-group layout, so a reader can plan an epoch without opening every
+file, and `load_manifest(uri, verify=True)` refuses a shard that was truncated or changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+from pipeline import storage
+from pipeline.errors import UserError
+
+SCHEMA_VERSION = 1
+WINDOW = 105
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("schema_version", "features", "window", "shards", "splits")
+REQUIRED_SHARD_KEYS = ("path", "split", "rows", "bytes", "sha256", "row_group_rows")
+HASH_CHUNK = 8 << 20
+
+# (manifest uri, shard path, sha256) already verified by this process: a loader per rank and per
+# split would otherwise re-hash gigabytes on every construction.
+_verified: set[tuple[str, str, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def manifest_uri(dataset_uri: str) -> str:
+    return storage.join(dataset_uri, MANIFEST_NAME)
+
+
+def shard_uri(dataset_uri: str, shard: dict) -> str:
+    return storage.join(dataset_uri, shard["path"])
+
+
+def sha256_of(uri: str) -> str:
+    """sha256 of a local or S3 object, streamed in chunks (never the whole file in memory)."""
+    fs, path = storage.resolve(uri)
+    digest = hashlib.sha256()
+    with storage.user_errors(uri):
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(uri: str, verify: bool = True, splits: tuple[str, ...] | None = None) -> dict:
+    """Read and check `URI/manifest.json`; with `verify`, also check each shard's size and sha256.
+
+    `splits` limits verification to the shards of those splits (a val loader need not hash the
+    training shards). Any problem is a `UserError` that names the file.
+    """
+    uri = str(uri).rstrip("/") if storage.is_s3(uri) else str(uri)
+    if storage.is_s3(uri):
+        storage.check_bucket(uri)
+    m_uri = manifest_uri(uri)
+    if not storage.exists(m_uri):
+        if storage.exists(uri) and storage.listdir(uri):
+            raise UserError(f"{m_uri}: missing, so {uri} is not a complete shard set (a shard "
+                            f"run that did not finish, or not a shard directory); run "
+                            f"`moola-pipeline data shard` again")
+        raise UserError(f"{uri}: no shard set here (no {MANIFEST_NAME}); create one with "
+                        f"`moola-pipeline data shard --in WINDOWS --out {uri}`")
+    manifest = storage.read_json(m_uri)
+    check_manifest(manifest, m_uri)
+    if verify:
+        for shard in manifest["shards"]:
+            if splits is None or shard["split"] in splits:
+                verify_shard(uri, shard)
+    return manifest
+
+
+def check_manifest(manifest: Any, m_uri: str) -> None:
+    """The manifest's own structure: keys, version, consistent counts."""
+    if not isinstance(manifest, dict):
+        raise UserError(f"{m_uri}: not a shard manifest (expected a JSON object)")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise UserError(f"{m_uri}: missing keys {missing}; rebuild with `moola-pipeline data shard`")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise UserError(f"{m_uri}: schema_version {manifest['schema_version']!r} is not supported "
+                        f"(this version reads {SCHEMA_VERSION}); rebuild the shards")
+    if manifest["window"] != WINDOW:
+        raise UserError(f"{m_uri}: window {manifest['window']} is not {WINDOW}")
+    rows_per_split: dict[str, int] = {}
+    for i, shard in enumerate(manifest["shards"]):
+        absent = [k for k in REQUIRED_SHARD_KEYS if k not in shard]
+        if absent:
+            raise UserError(f"{m_uri}: shard entry {i} lacks {absent}")
+        if sum(shard["row_group_rows"]) != shard["rows"]:
+            raise UserError(f"{m_uri}: shard {shard['path']} row groups do not add up to its rows")
+        rows_per_split[shard["split"]] = rows_per_split.get(shard["split"], 0) + shard["rows"]
+    for split, n in manifest["splits"].items():
+        if rows_per_split.get(split, 0) != n:
+            raise UserError(f"{m_uri}: split {split!r} counts {n} rows but its shards hold "
+                            f"{rows_per_split.get(split, 0)}")
+
+
+def verify_shard(dataset_uri: str, shard: dict) -> None:
+    """Size, then sha256, of one shard against the manifest (cached per process once good)."""
+    uri = shard_uri(dataset_uri, shard)
+    key = (manifest_uri(dataset_uri), shard["path"], shard["sha256"])
+    with _verified_lock:
+        if key in _verified:
+            return
+    info = storage.file_info(uri)
+    if info.type == storage.pafs.FileType.NotFound:
+        raise UserError(f"{uri}: listed in {MANIFEST_NAME} but missing; the shard set is "
+                        f"incomplete: rebuild it with `moola-pipeline data shard`")
+    if info.size != shard["bytes"]:
+        raise UserError(f"{uri}: {info.size} bytes but {MANIFEST_NAME} says {shard['bytes']} "
+                        f"(truncated or changed); rebuild with `moola-pipeline data shard`")
+    actual = sha256_of(uri)
+    if actual != shard["sha256"]:
+        raise UserError(f"{uri}: sha256 {actual[:12]}... does not match {MANIFEST_NAME} "
+                        f"({shard['sha256'][:12]}...); the shard is corrupt or was changed: "
+                        f"rebuild with `moola-pipeline data shard`")
+    with _verified_lock:
+        _verified.add(key)
+
+
+def split_shards(manifest: dict, split: str, m_uri: str = MANIFEST_NAME) -> list[dict]:
+    """The shards of one split in index order; a UserError if the split is absent or empty."""
+    shards = [s for s in manifest["shards"] if s["split"] == split]
+    if not shards or manifest["splits"].get(split, 0) == 0:
+        present = sorted(k for k, v in manifest["splits"].items() if v)
+        raise UserError(f"{m_uri}: split {split!r} has no rows (present: {present})")
+    return shards
