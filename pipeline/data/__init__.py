@@ -1,0 +1,1 @@
+"""The data side: canonical windows, synthetic data, ingest, features, splits, shards, loader."""
