@@ -78,6 +78,7 @@ class ClusterSection:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    shared_fs: bool = False       # OUT is mounted at the same path on every node
 
 
 @dataclass

@@ -1,0 +1,97 @@
+"""`moola-pipeline train`: one training run, locally or on a Ray cluster.
+
+Thin: flags -> `pipeline.config` -> `pipeline.train.trainer.run_training` -> the final lines.
+torch and Ray are imported inside the command so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.errors import UserError
+
+# CLI flag -> dotted config key. A flag left out keeps the config file's value (or the default).
+FLAG_KEYS = {
+    "data": "data", "out": "out", "workers": "cluster.workers",
+    "gpus_per_worker": "cluster.gpus_per_worker", "address": "cluster.address",
+    "max_failures": "cluster.max_failures", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "lr": "train.lr", "balance": "loss.weighting",
+    "seed": "train.seed", "checkpoint_every": "train.checkpoint_every_steps",
+    "best_metric": "train.best_metric", "patience": "train.early_stop_patience",
+}
+
+
+@click.command()
+@click.option("--data", metavar="URI", help="Shard directory (local path or s3://) with manifest.json.")
+@click.option("--out", metavar="URI", required=True, help="Run directory (local path or s3://).")
+@click.option("--config", "config_path", metavar="YAML", help="Run config file; flags override it.")
+@click.option("--workers", type=int, help="Ray Train workers; 0 = local mode in this process. [2]")
+@click.option("--gpus-per-worker", type=float, help="GPUs per worker (NCCL when > 0). [0]")
+@click.option("--epochs", type=int, help="Epochs. [20]")
+@click.option("--batch-size", type=int, help="Global batch; each worker takes B/W. [32]")
+@click.option("--lr", type=float, help="Learning rate (AdamW). [1e-3]")
+@click.option("--balance", metavar="STRATEGY", help="Task weighting (loss.weighting). [uncertainty]")
+@click.option("--seed", type=int, help="Seed for data order, initialisation and dropout. [0]")
+@click.option("--address", metavar="auto|HOST:PORT",
+              help="Join this Ray cluster (token from RAY_AUTH_TOKEN); default: start a local "
+                   "Ray sized to this machine. 'local' means the same as leaving it out.")
+@click.option("--max-failures", type=int, help="Worker failures to recover from. [0]")
+@click.option("--checkpoint-every", type=int, metavar="STEPS",
+              help="Also checkpoint every STEPS steps within an epoch. [0: epoch ends only]")
+@click.option("--best-metric", metavar="KEY",
+              help="Metrics-record key that picks the best checkpoint. [val_loss]")
+@click.option("--patience", type=int, help="Early stopping: epochs without improvement. [0: off]")
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
+def train(config_path, resume, **flags):
+    """Train JadeCompact on sharded data with Ray Train (DDP)."""
+    from pipeline.config import load_config
+
+    if flags.get("address") == "local":
+        flags["address"] = None
+    overrides = {FLAG_KEYS[k]: v for k, v in flags.items() if v is not None}
+    if resume:
+        cfg = load_config(config_path, overrides)  # checked against the saved run below
+        file_overrides = _file_keys(config_path)
+        file_overrides.update(overrides)
+        overrides = file_overrides
+    else:
+        if not flags.get("data"):
+            raise UserError("missing --data URI (a shard directory with manifest.json)")
+        cfg = load_config(config_path, overrides).validate()
+
+    from pipeline.train.trainer import PlainProgress, RichProgress, run_training
+
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("epochs"), TimeElapsedColumn(), transient=False) as bar:
+            summary = run_training(cfg, resume, overrides, progress=RichProgress(cfg, bar))
+    else:
+        summary = run_training(cfg, resume, overrides, progress=PlainProgress(cfg))
+
+    last = summary.last_record or {}
+    click.echo(f"run {summary.run_id}: {summary.epochs_done} epochs, step {last.get('step')}, "
+               f"output in {summary.out}")
+    best = "none" if summary.best_epoch is None else f"epoch {summary.best_epoch + 1}"
+    click.echo(f"best checkpoint ({best}): {summary.best_checkpoint}; "
+               f"report: {summary.report or 'not written (report module missing)'}")
+
+
+def _file_keys(config_path: str | None) -> dict:
+    """A --config given with --resume: its keys, dotted, as overrides of the saved config."""
+    if not config_path:
+        return {}
+    from pipeline.config import read_yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "weighting_options":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(read_yaml(config_path))

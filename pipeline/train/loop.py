@@ -1,0 +1,379 @@
+"""The worker loop: what every Ray Train worker runs, top to bottom.
+
+Plain PyTorch; Ray appears only at the edges (get_context, prepare_model, get_checkpoint,
+report). The same function runs in Ray Train local mode (`--workers 0`, in the driver process,
+no process group) and as W worker actors with DDP.
+
+Order of one epoch: train on this rank's share of the global batch (the reducer makes the
+per-element mean exact over ranks), evaluate the val split on all ranks, all-reduce the
+metrics, rank 0 appends one record to metrics.jsonl, then every rank reports its part of the
+checkpoint (ray.train.report is a barrier: every rank calls it the same number of times).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+
+from pipeline import storage
+from pipeline.config import TrainConfig, config_hash
+from pipeline.data.loader import ShardLoader
+from pipeline.data.manifest import load_manifest
+from pipeline.model import JadeCompact, JadeConfig
+from pipeline.reducer import GradientProbe, LossConfig, MultiTaskModel, build_weighting
+from pipeline.train import checkpoint as ckpt
+try:
+    from pipeline.train.metrics import TaskMetrics
+except ImportError:  # TEMPORARY until pipeline.train.metrics lands
+    class TaskMetrics:
+        def __init__(self, tasks, device=None):
+            pass
+
+        def update(self, outputs, batch):
+            pass
+
+        def compute(self):
+            return {}
+from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
+
+# Stand-in score for mid-epoch checkpoints (no val metric yet): ranked below every epoch end.
+WORST = {"min": 1e30, "max": -1e30}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = _config(loop_config)
+    local_mode = loop_config["local_mode"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    t, seed = cfg.train, cfg.train.seed
+    write_worker_marker(cfg.out, rank, world)
+
+    # Data: this rank's share of the global batch; every rank yields the same number of batches.
+    manifest = load_manifest(cfg.data, verify=True)  # every shard's sha256, once per worker
+    manifest_hash = _manifest_hash(manifest)
+    local_batch = t.batch_size // world
+    train_loader = ShardLoader(cfg.data, "train", rank=rank, world_size=world,
+                               batch_size=local_batch, seed=seed, verify=False)
+    val_loader = ShardLoader(cfg.data, "val", rank=rank, world_size=world, batch_size=local_batch,
+                             seed=seed, shuffle=False, with_ohlc=True, verify=False)
+    steps_per_epoch = len(train_loader)
+
+    # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts
+    # rank 0's); the weighting's log-variances live inside the module DDP wraps.
+    torch.manual_seed(seed)
+    model_cfg = JadeConfig(n_features=len(manifest["features"]), **_section(cfg.model))
+    loss_cfg = LossConfig(**_section(cfg.loss))
+    weighting = build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
+    multitask = MultiTaskModel(JadeCompact(model_cfg), weighting, loss_cfg).to(device)
+    optimizer = torch.optim.AdamW(multitask.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = _scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
+    probe = GradientProbe(every=t.probe_every)
+
+    # Resume: Ray hands back the latest reported checkpoint after a failure or for a run
+    # restarted by name; local mode gets it from the driver (Ray keeps none on disk there).
+    epoch, step, best, bad_epochs, partial = 0, 0, None, 0, None
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = loop_config.get("resume_from")
+    with (checkpoint.as_directory() if checkpoint else _nullpath(resume_dir)) as cdir:
+        if cdir:
+            state = ckpt.read_state(cdir)
+            _check_resumable(state, cfg, manifest_hash, cdir)
+            multitask.load_state_dict(state["multitask"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            train_loader.load_state_dict(state["loader"])
+            vars(probe).update(state["probe"])
+            epoch, step = state["epoch"], state["step"]
+            best, bad_epochs = state["best"], state["bad_epochs"]
+            partial = state["partial"]  # sums of a half-done epoch, so its record is exact
+            rng = ckpt.read_rng(cdir, rank)
+            if rng is not None and state["world_size"] == world:
+                ckpt.restore_rng(rng)
+            else:  # a different world size cannot replay the same dropout: reseed per rank
+                torch.manual_seed(seed * 1000 + rank + 1 + step)
+        else:
+            train_loader.set_epoch(0)
+            torch.manual_seed(seed * 1000 + rank + 1)  # dropout differs per rank, fixed by seed
+
+    model = ray.train.torch.prepare_model(multitask)
+    log = MetricsLog(cfg.out, keep_before_epoch=epoch) if rank == 0 else None
+    sink = _epoch_sink(cfg) if rank == 0 else None
+    score_attr = "best_score"
+
+    def save_and_report(metrics: dict, record: dict | None, partial=None) -> None:
+        """Every rank writes its part, then reports; Ray merges the parts into one directory."""
+        state = meta = None
+        if rank == 0:
+            state = {"multitask": multitask.state_dict(), "model": multitask.model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "loader": train_loader.state_dict(), "probe": dict(vars(probe)),
+                     "epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
+                     "partial": partial, "world_size": world, "config_hash": config_hash(cfg),
+                     "manifest_hash": manifest_hash, "model_config": vars(model_cfg),
+                     "run_id": cfg.run_id}
+            meta = {k: state[k] for k in ("epoch", "step", "world_size", "config_hash",
+                                          "manifest_hash", "run_id", "best")}
+            meta["loader"] = state["loader"]
+            meta["record"] = record
+        name = ckpt.checkpoint_name(epoch, step)
+        tmp = tempfile.mkdtemp(prefix="moola-ckpt-")
+        try:
+            ckpt.write_checkpoint(tmp, rank, state, meta)
+            if local_mode:  # Ray keeps local-mode checkpoints in memory only: persist to OUT
+                _persist_local(cfg.out, tmp, name, t.keep_checkpoints, best)
+            # SYNC upload: the files are in storage when report returns, so tmp can go.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    while epoch < t.epochs:
+        # ---- train ----------------------------------------------------------------------
+        model.train()
+        started = time.perf_counter()
+        loss_sums, batches, samples = torch.zeros(len(model_cfg.tasks), dtype=torch.float64), 0, 0
+        if partial is not None and rank == 0:  # resumed mid-epoch: count the batches before
+            n = len(model_cfg.tasks)              # the checkpoint (global sums, held by rank 0)
+            loss_sums, batches, samples = partial[:n].clone(), int(partial[n]), int(partial[n + 1])
+        partial = None
+        for batch in train_loader:  # resumes mid-epoch: the loader skips consumed batches
+            batch = {k: v.to(device) for k, v in batch.items()}
+            total, losses, _ = model(batch)
+            probe.step(model, losses)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            batches += 1
+            samples += batch["label"].shape[0]
+            loss_sums += torch.stack([losses[k].detach().double().cpu() for k in model_cfg.tasks])
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 \
+                    and train_loader.state_dict()["batches_consumed"] < steps_per_epoch:
+                sums = torch.cat([loss_sums, torch.tensor([batches, samples], dtype=torch.float64)])
+                _all_reduce(sums)  # the epoch so far over all ranks, for an exact record later
+                save_and_report({"epoch": epoch, "step": step, score_attr: WORST[t.best_mode]},
+                                None, sums)
+        train_time = time.perf_counter() - started
+
+        # ---- evaluate the val split on every rank -------------------------------------
+        model.eval()
+        metrics = TaskMetrics(model_cfg.tasks, device=device)
+        val_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64)
+        val_batches = 0
+        preds: list[dict] = []
+        with torch.no_grad():
+            for batch in val_loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                _, losses, outputs = model(batch)
+                metrics.update(outputs, batch)
+                val_sums += torch.stack([losses[k].double().cpu() for k in model_cfg.tasks])
+                val_batches += 1
+                preds.append(_predictions(outputs, batch))
+
+        # One collective for the loss sums and counts; element_mean values are rank-scaled
+        # (local_sum * W / global_count), so their sum over ranks is W times the batch mean.
+        sums = torch.cat([loss_sums, val_sums,
+                          torch.tensor([batches, val_batches, samples], dtype=torch.float64)])
+        _all_reduce(sums)
+        n_tasks = len(model_cfg.tasks)
+        g_batches, g_val_batches, g_samples = (sums[2 * n_tasks:] / torch.tensor([world, world, 1])).tolist()
+        train_loss = {k: float(sums[i] / world / max(g_batches, 1))
+                      for i, k in enumerate(model_cfg.tasks)}
+        val_loss = {k: float(sums[n_tasks + i] / world / max(g_val_batches, 1))
+                    for i, k in enumerate(model_cfg.tasks)}
+        task_metrics = metrics.compute()  # all-reduces its sufficient statistics once
+        epoch += 1
+        train_loader.set_epoch(epoch)
+
+        grads = probe.last or {}
+        base_weighting = multitask.weighting
+        record = {
+            "epoch": epoch - 1, "step": step, "world_size": world, "run_id": cfg.run_id,
+            "train": train_loss, "val": val_loss, "val_loss": sum(val_loss.values()),
+            "weights": base_weighting.effective_weights(), "log_vars": base_weighting.log_vars(),
+            "grad_norm": grads.get("grad_norm"), "grad_share": grads.get("grad_share"),
+            "grad_ratio_countdown_pointer": grads.get("grad_ratio_countdown_pointer"),
+            "starving": probe.starving(),
+            **task_metrics,
+            "samples_per_s": g_samples / train_time if train_time > 0 else None,
+            "epoch_time_s": train_time, "lr": optimizer.param_groups[0]["lr"],
+        }
+
+        # Best checkpoint and early stopping: every rank decides the same from the same
+        # all-reduced record, so no broadcast is needed.
+        score = _lookup(record, t.best_metric)
+        improved = best is None or (score < best["score"] if t.best_mode == "min"
+                                    else score > best["score"])
+        if improved:
+            best, bad_epochs = {"score": score, "epoch": epoch - 1,
+                                "checkpoint": ckpt.checkpoint_name(epoch, step)}, 0
+        else:
+            bad_epochs += 1
+        record["best_epoch"] = best["epoch"]
+        if improved:  # rank 0 keeps the whole val split's predictions of the best epoch
+            gathered = _gather(preds, world)
+            if rank == 0:
+                write_predictions(cfg.out, _merge_predictions(gathered, epoch - 1))
+        if rank == 0:
+            log.append(record)
+            if sink is not None:
+                sink.on_epoch(record)
+        stop = t.early_stop_patience and bad_epochs >= t.early_stop_patience
+        save_and_report({"epoch": epoch - 1, "step": step, score_attr: score}, record)
+        if stop:
+            if rank == 0:
+                print(f"early stopping after epoch {epoch - 1}: {t.best_metric} has not "
+                      f"improved for {bad_epochs} epochs (best {best['score']:.4g} at epoch "
+                      f"{best['epoch']})", flush=True)
+            break
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def _config(loop_config: dict) -> TrainConfig:
+    from pipeline.config import load_config
+    return load_config(None, None, base=loop_config["config"])
+
+
+def _section(section) -> dict:
+    return dict(vars(section))
+
+
+def _manifest_hash(manifest: dict) -> str:
+    import hashlib
+    import json
+    body = {k: v for k, v in manifest.items() if k != "created"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, manifest_hash: str, where: str) -> None:
+    from pipeline.errors import UserError
+    if state["manifest_hash"] != manifest_hash:
+        raise UserError(f"checkpoint {where} was trained on other data (manifest hash "
+                        f"{state['manifest_hash']} != {manifest_hash}): resume with the same --data")
+    if state["config_hash"] != config_hash(cfg):
+        raise UserError(f"checkpoint {where} was written with another model/loss/optimiser "
+                        f"config: resume with the run's own config.yaml")
+
+
+class _nullpath:
+    """`with` over an optional local directory, shaped like Checkpoint.as_directory()."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self.path
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _scheduler(optimizer, kind: str, total_steps: int):
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _gather(obj, world: int) -> list:
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _lookup(record: dict, key: str) -> float:
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            from pipeline.errors import UserError
+            raise UserError(f"train.best_metric {key!r} is not in the metrics record; use one "
+                            f"of: {', '.join(sorted(_flat_keys(record)))}")
+        value = value[part]
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or math.isnan(value):
+        from pipeline.errors import UserError
+        raise UserError(f"train.best_metric {key!r} is {value!r}, not a number")
+    return float(value)
+
+
+def _flat_keys(record: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in record.items():
+        if isinstance(v, dict):
+            keys += _flat_keys(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _predictions(outputs: dict, batch: dict) -> dict:
+    """This batch's val predictions as numpy (for best_val_predictions.npz)."""
+    out = {"index": batch["index"], "valid": batch["valid"], "label": batch["label"],
+           "expansion_start": batch["expansion_start"], "expansion_end": batch["expansion_end"]}
+    if "span_logits" in outputs:
+        out["span_prob"] = torch.sigmoid(outputs["span_logits"])
+    if "type_logits" in outputs:
+        out["type_prob"] = torch.softmax(outputs["type_logits"], dim=-1)
+    if "pointers" in outputs:
+        out["pointers"] = outputs["pointers"]
+    if "countdown" in outputs:
+        out["countdown"] = outputs["countdown"]
+    if "ohlc" in batch:
+        out["ohlc"] = batch["ohlc"]
+    return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+
+def _merge_predictions(per_rank: list[list[dict]], epoch: int) -> dict:
+    batches = [b for rank_batches in per_rank for b in rank_batches]
+    arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    # The loader pads the split with up to W-1 repeats; keep each window once, in index order.
+    _, first = np.unique(arrays["index"], return_index=True)
+    arrays = {k: v[first] for k, v in arrays.items()}
+    arrays["span_prob"] = arrays.get("span_prob", np.zeros(0, np.float32)).astype(np.float32)
+    arrays["epoch"] = np.array(epoch)
+    return arrays
+
+
+def _persist_local(out: str, tmp: str, name: str, keep: int, best: dict | None) -> None:
+    """Local mode: copy the checkpoint into OUT and prune old ones (newest and best stay)."""
+    from pipeline.train.rundir import checkpoint_dirs
+    import pyarrow.fs as pafs
+    dest = storage.join(out, name)
+    fs, path = storage.resolve(dest)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    names = checkpoint_dirs(out)
+    keep_names = set(names[-keep:]) | {name} | ({best["checkpoint"]} if best else set())
+    for old in names:
+        if old not in keep_names:
+            storage.remove_tree(storage.join(out, old))
+
+
+def _epoch_sink(cfg: TrainConfig):
+    """The report engineer's per-epoch hook (console line, TensorBoard, MLflow, alarms)."""
+    try:
+        from pipeline.report.live import EpochSink
+    except ImportError:
+        return None
+    return EpochSink(cfg.out, cfg.to_dict())

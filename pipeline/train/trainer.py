@@ -1,0 +1,298 @@
+"""The driver side of a run: run directory, Ray, TorchTrainer assembly, the final summary.
+
+Run directory = Ray Train storage: storage_path is the parent of OUT and the run name its basename,
+so Ray's checkpoint_* directories and snapshot land in OUT next to our files, and a run restarted
+with the same OUT (`--resume`) is restored by Ray from there. A fresh run refuses an OUT that
+already holds a run, because Ray would silently resume it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from pipeline import storage
+from pipeline.config import TrainConfig, load_config, resume_conflicts, to_yaml
+from pipeline.errors import UserError
+from pipeline.train import rundir
+
+SCORE_ATTR = "best_score"
+
+
+@dataclass
+class RunSummary:
+    out: str
+    run_id: str
+    epochs_done: int
+    best_epoch: int | None
+    best_checkpoint: str | None
+    report: str | None
+    last_record: dict | None
+
+
+def new_run_id(out: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{storage.basename(out)}-{stamp}-{secrets.token_hex(3)}"
+
+
+def prepare_run(cfg: TrainConfig, resume: bool, overrides: dict | None = None) -> TrainConfig:
+    """Check OUT for a fresh run or a resume; returns the config the run will use."""
+    out = cfg.out
+    config_uri = storage.join(out, rundir.CONFIG)
+    has_run = storage.exists(config_uri) or bool(rundir.checkpoint_dirs(out))
+    if resume:
+        if not storage.exists(config_uri):
+            raise UserError(f"--resume: {out} holds no run ({rundir.CONFIG} missing); "
+                            "start it without --resume")
+        saved = load_config(config_uri)
+        # Flags given now (more epochs, another cluster) apply on top of the saved config.
+        resumed = load_config(None, overrides, base=saved.to_dict())
+        resumed.out, resumed.run_id = out, saved.run_id
+        conflicts = resume_conflicts(saved, resumed)
+        if conflicts:
+            raise UserError(f"--resume of {out}: these settings differ from the run's "
+                            f"{rundir.CONFIG}: {'; '.join(conflicts)}. Drop them from the command "
+                            "or start a new run with another --out")
+        cfg = resumed
+    elif has_run:
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                        "another --out (a new run never reuses a run directory)")
+    elif storage.exists(out) and storage.listdir(out):
+        raise UserError(f"{out} exists and is not empty: choose an empty or new --out")
+    if not cfg.run_id:
+        cfg.run_id = new_run_id(out)
+    cfg.validate()
+    storage.makedirs(out)
+    storage.write_text_atomic(config_uri, to_yaml(cfg))
+    return cfg
+
+
+def copy_manifest(cfg: TrainConfig) -> dict:
+    from pipeline.data.manifest import load_manifest, manifest_uri
+    manifest = load_manifest(cfg.data, verify=False)
+    storage.write_bytes_atomic(storage.join(cfg.out, rundir.MANIFEST),
+                               storage.read_bytes(manifest_uri(cfg.data)))
+    for split in ("train", "val"):
+        if not manifest.get("splits", {}).get(split):
+            raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
+                            f"non-zero {split} fraction")
+    return manifest
+
+
+def init_ray(cfg: TrainConfig) -> None:
+    """Start a local Ray sized to the machine, or join the cluster at --address."""
+    import ray
+    c = cfg.cluster
+    # Worker processes chdir into Ray's session dir by default; all our paths are absolute,
+    # and this keeps any relative path a user gives meaning the same thing.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    if ray.is_initialized():
+        return
+    if c.address is None:
+        need = c.workers * c.cpus_per_worker + 1  # + the Train controller
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                 include_dashboard=False, log_to_driver=True,
+                 object_store_memory=256 * 1024 * 1024, configure_logging=False,
+                 logging_level="WARNING")
+        return
+    try:  # the token, when the cluster wants one, comes from RAY_AUTH_TOKEN in the environment
+        ray.init(address=c.address, log_to_driver=True, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--address {c.address}: cannot join the Ray cluster ({first}); check "
+                        "the address and, with token auth, RAY_AUTH_TOKEN") from None
+
+
+def check_storage_for_cluster(cfg: TrainConfig) -> None:
+    """Multi-node with a local run dir fails late inside Ray; say so before training starts."""
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not storage.is_s3(cfg.out) and not cfg.cluster.shared_fs:
+        raise UserError(
+            f"the cluster has {len(nodes)} nodes but --out {cfg.out} is a local path: "
+            "checkpoints from other nodes cannot reach it. Use --out s3://bucket/prefix, or a "
+            "file system mounted at the same path on every node with cluster.shared_fs: true")
+
+
+def build_trainer(cfg: TrainConfig, resume_from: str | None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    c, t = cfg.cluster, cfg.train
+    resources = {"CPU": c.cpus_per_worker}
+    if c.gpus_per_worker:
+        resources["GPU"] = c.gpus_per_worker
+    storage_kwargs = {}
+    if storage.is_s3(cfg.out):
+        # Our filesystem carries the endpoint and retry settings from the environment; Ray then
+        # wants the path without the scheme.
+        storage_kwargs = {"storage_filesystem": storage.s3_filesystem(),
+                          "storage_path": storage.parent(cfg.out)[len(storage.S3_SCHEME):]}
+    else:
+        storage_kwargs = {"storage_path": storage.parent(cfg.out)}
+    run_config = ray.train.RunConfig(
+        name=storage.basename(cfg.out),
+        failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE_ATTR,
+            checkpoint_score_order=t.best_mode),
+        **storage_kwargs)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "local_mode": c.workers == 0,
+                           "resume_from": resume_from},
+        scaling_config=ray.train.ScalingConfig(num_workers=c.workers,
+                                               use_gpu=bool(c.gpus_per_worker),
+                                               resources_per_worker=resources if c.workers else None),
+        run_config=run_config)
+
+
+def latest_local_checkpoint(cfg: TrainConfig) -> str | None:
+    """Local mode keeps its own checkpoints in OUT; the newest one continues a --resume."""
+    names = rundir.checkpoint_dirs(cfg.out)
+    if not names:
+        return None
+    uri = storage.join(cfg.out, names[-1])
+    if storage.is_s3(uri):
+        import tempfile
+        import pyarrow.fs as pafs
+        local = tempfile.mkdtemp(prefix="moola-resume-")
+        fs, path = storage.resolve(uri)
+        pafs.copy_files(path, local, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local
+    return os.path.abspath(uri)
+
+
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """A UserError raised inside a worker, found in Ray's wrapping of it."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 getattr(e, "controller_failure", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return None
+
+
+def fit(trainer, cfg: TrainConfig, progress) -> object:
+    """trainer.fit() in a thread while the main thread shows per-epoch progress from OUT."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    seen = len(rundir.read_metrics(cfg.out))
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        seen = progress.update(seen)
+    progress.update(seen)
+    if "error" in box:
+        exc = box["error"]
+        user = _user_error_in(exc)
+        if user is not None:
+            raise UserError(user.message) from None
+        raise exc
+    result = box["result"]
+    if getattr(result, "error", None) is not None:
+        user = _user_error_in(result.error)
+        if user is not None:
+            raise UserError(user.message) from None
+        raise result.error
+    return result
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None,
+                 progress=None) -> RunSummary:
+    cfg = prepare_run(cfg, resume, overrides)
+    copy_manifest(cfg)
+    resume_from = latest_local_checkpoint(cfg) if (resume and cfg.cluster.workers == 0) else None
+    if cfg.cluster.workers > 0:
+        init_ray(cfg)
+        check_storage_for_cluster(cfg)
+    trainer = build_trainer(cfg, resume_from)
+    progress = progress or PlainProgress(cfg)
+    fit(trainer, cfg, progress)
+    return summarize(cfg)
+
+
+def summarize(cfg: TrainConfig) -> RunSummary:
+    records = rundir.read_metrics(cfg.out)
+    last = records[-1] if records else None
+    best_epoch = last.get("best_epoch") if last else None
+    best_ckpt = None
+    if best_epoch is not None:
+        # The checkpoint written at the end of the best epoch (name: completed epochs, step).
+        best = next(r for r in records if r["epoch"] == best_epoch)
+        from pipeline.train.checkpoint import checkpoint_name
+        best_ckpt = storage.join(cfg.out, checkpoint_name(best_epoch + 1, best["step"]))
+    report = None
+    try:
+        from pipeline.report.html import write_report
+    except ImportError:
+        write_report = None
+    if write_report is not None and records:
+        report = write_report(cfg.out) or storage.join(cfg.out, rundir.REPORT)
+    return RunSummary(cfg.out, cfg.run_id, len(records), best_epoch, best_ckpt,
+                      str(report) if report else None, last)
+
+
+class PlainProgress:
+    """One line per finished epoch (stderr not a TTY); `update(seen) -> seen` polls OUT."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def update(self, seen: int) -> int:
+        records = rundir.read_metrics(self.cfg.out)
+        for r in records[seen:]:
+            print(epoch_line(r, self.cfg.train.epochs), file=sys.stderr, flush=True)
+        return max(seen, len(records))
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    val = " ".join(f"{k}={v:.4f}" for k, v in (r.get("val") or {}).items())
+    sps = r.get("samples_per_s")
+    return (f"epoch {r['epoch'] + 1}/{epochs} step {r['step']} val_loss={r['val_loss']:.4f} "
+            f"[{val}] {sps:.0f} samples/s" if sps else f"epoch {r['epoch'] + 1}/{epochs}")
+
+
+class RichProgress(PlainProgress):
+    """A rich progress bar over epochs (stderr is a TTY)."""
+
+    def __init__(self, cfg: TrainConfig, bar):
+        super().__init__(cfg)
+        self.bar = bar
+        self.task = bar.add_task("training", total=cfg.train.epochs)
+
+    def update(self, seen: int) -> int:
+        records = rundir.read_metrics(self.cfg.out)
+        if records:
+            r = records[-1]
+            self.bar.update(self.task, completed=len(records),
+                            description=f"val_loss {r['val_loss']:.4f}")
+            for r in records[seen:]:
+                self.bar.console.print(epoch_line(r, self.cfg.train.epochs))
+        return max(seen, len(records))
+
+
+def summary_json(summary: RunSummary) -> str:
+    return json.dumps({"out": summary.out, "run_id": summary.run_id,
+                       "best_checkpoint": summary.best_checkpoint, "report": summary.report})
