@@ -35,6 +35,7 @@ import torch
 
 from pipeline import storage
 from pipeline.data.manifest import WINDOW, load_manifest, manifest_uri, shard_uri, split_shards
+from pipeline.data.shards import binary_view
 from pipeline.errors import UserError
 
 COLUMNS = ["index", "features", "valid", "label", "expansion_start", "expansion_end"]
@@ -198,12 +199,3 @@ class ShardLoader:
                             f"{first}..{first + rows - 1}; rebuild the shards")
         return arrays
 
-
-def binary_view(column, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A fixed_size_binary column as a numpy [rows, *shape] array over its data buffer (no copy
-    unless the column arrived in several chunks)."""
-    chunk = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    width = chunk.type.byte_width
-    data = chunk.buffers()[1]
-    flat = np.frombuffer(data, dtype=np.uint8, count=len(chunk) * width, offset=chunk.offset * width)
-    return flat.view(dtype).reshape((len(chunk), *shape))

@@ -82,6 +82,16 @@ def rows_table(schema: pa.Schema, split: str, *, window_id, group_id, t0, index,
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def binary_view(column, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed_size_binary column as a numpy [rows, *shape] array over its data buffer (no copy
+    unless the column arrived in several chunks)."""
+    chunk = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    width = chunk.type.byte_width
+    data = chunk.buffers()[1]
+    flat = np.frombuffer(data, dtype=np.uint8, count=len(chunk) * width, offset=chunk.offset * width)
+    return flat.view(dtype).reshape((len(chunk), *shape))
+
+
 class SplitWriter:
     """Writes one split's rows, in index order, into rolling shard files of full row groups."""
 

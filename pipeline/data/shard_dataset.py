@@ -1,0 +1,142 @@
+"""`data shard`: canonical windows -> features -> splits -> Parquet shards + manifest.
+
+Features come from the continuous bar series when the windows were cut from one (one pass over
+the bars, state carried across windows, sessions reset at gaps) and from each window on its own
+otherwise. Windows are then processed in chunks of CHUNK_WINDOWS in their source order, so
+memory holds the per-bar features plus one chunk, never all windows' features: 1.8M bars are
+~90 MB of per-bar features whatever the stride.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.data import features as feats
+from pipeline.data import schema, splits
+from pipeline.data.manifest import SPLITS, WINDOW
+from pipeline.data.shards import ROW_GROUP_ROWS, ROWS_PER_SHARD, write_shard_set
+from pipeline.errors import UserError
+
+CHUNK_WINDOWS = 8192
+# A bar spacing this many times the median spacing is a session gap: the feature state restarts
+# (a 60-minute break between 1-minute bars is one; a missing minute or two is not).
+SESSION_GAP_FACTOR = 10
+
+Progress = Callable[[str, int, int], None]  # (step, done, total)
+
+
+def segment_starts(timestamps_us: np.ndarray) -> np.ndarray:
+    """bool [N]: bars that follow a session gap (and bar 0)."""
+    n = len(timestamps_us)
+    starts = np.zeros(n, dtype=bool)
+    if n:
+        starts[0] = True
+    if n > 2:
+        dt = np.diff(timestamps_us)
+        starts[1:] = dt > SESSION_GAP_FACTOR * max(np.median(dt), 1)
+    return starts
+
+
+def shard_dataset(in_uri: str, out_uri: str, *, feature_set: str = "relativity12",
+                  split_policy: str = "auto", val_fraction: float = 0.2,
+                  test_fraction: float = 0.0, seed: int = 0,
+                  rows_per_shard: int = ROWS_PER_SHARD, row_group_rows: int = ROW_GROUP_ROWS,
+                  progress: Progress | None = None) -> dict:
+    """Read the canonical windows at `in_uri`, write shards and manifest to `out_uri`."""
+    progress = progress or (lambda step, done, total: None)
+    names = feats.feature_names(feature_set)
+    if rows_per_shard < 1:
+        raise UserError(f"--rows-per-shard {rows_per_shard}: must be at least 1")
+    if storage.is_s3(out_uri):
+        storage.check_bucket(out_uri)  # fail before the long work, not after it
+    ws = schema.read_dataset(in_uri)
+    n = len(ws)
+    if n == 0:
+        raise UserError(f"{storage.join(in_uri, schema.WINDOWS_FILE)}: no windows to shard")
+
+    t0 = ws.t0_us()
+    group_id = np.asarray(ws.windows.column("group_id").fill_null("").to_numpy(zero_copy_only=False),
+                          dtype=object)
+    bar_index = ws.bar_index()
+    split, report = splits.assign_splits(t0, group_id, split_policy, val_fraction, test_fraction,
+                                         seed=seed, bar_index=bar_index)
+    leak = splits.check_leakage(split, group_id, bar_index=bar_index, t0=t0)
+    if not leak.ok:  # e.g. a group_id whose windows lie far apart in time, under --split time
+        raise UserError(f"{in_uri}: the {report.policy} split would leak between splits "
+                        f"({'; '.join(leak.examples)}); try --split group", hint=None)
+
+    bar_state = None
+    if bar_index is not None:
+        progress("features (bars)", 0, ws.bars.num_rows)
+        ts = np.asarray(ws.bars.column("timestamp").cast(pa.int64()).to_numpy())
+        bar_ohlc = ws.bar_ohlc()
+        bar_feat, bar_valid = feats.bar_features(bar_ohlc, segment_starts(ts))
+        bar_state = (bar_ohlc, bar_feat, bar_valid)
+        progress("features (bars)", ws.bars.num_rows, ws.bars.num_rows)
+
+    source = {"uri": in_uri, **{k: v for k, v in ws.meta.items() if k != "seed"}}
+    extra = {"feature_set": feature_set, "split_policy": report.to_dict(), "source": source,
+             "seed": ws.meta.get("seed"), "leakage": leak.to_dict(),
+             "excluded": {"embargo": report.embargoed}, "split_summary": report.summary()}
+    chunks = _chunks(ws, split, names, feature_set, bar_state, progress)
+    return write_shard_set(out_uri, names, chunks, extra=extra, rows_per_shard=rows_per_shard,
+                           row_group_rows=row_group_rows)
+
+
+def _chunks(ws: schema.WindowSet, split: np.ndarray, names: list[str], feature_set: str,
+            bar_state, progress: Progress):
+    """(split, columns) per chunk of windows in source order, with each split's running index."""
+    n = len(ws)
+    t = ws.windows
+    label = ws.column("label")
+    exp_start, exp_end = ws.column("expansion_start"), ws.column("expansion_end")
+    starts = ws.column("bar_index")
+    t0_col = t.column("t0")
+    next_index = {s: 0 for s in SPLITS}
+    for lo in range(0, n, CHUNK_WINDOWS):
+        hi = min(lo + CHUNK_WINDOWS, n)
+        ohlc, features, valid = _chunk_features(ws, lo, hi, starts, feature_set, bar_state)
+        for name in SPLITS:
+            rows = np.flatnonzero(split[lo:hi] == name)
+            if rows.size == 0:
+                continue
+            take = pa.array(rows + lo)
+            yield name, dict(
+                window_id=t.column("window_id").take(take),
+                group_id=t.column("group_id").take(take),
+                t0=t0_col.take(take),
+                index=np.arange(next_index[name], next_index[name] + rows.size),
+                features=features[rows], valid=valid[rows], ohlc=ohlc[rows].astype(np.float32),
+                label=label[rows + lo], expansion_start=exp_start[rows + lo],
+                expansion_end=exp_end[rows + lo],
+            )
+            next_index[name] += rows.size
+        progress("shards", hi, n)
+
+
+def _chunk_features(ws, lo, hi, starts, feature_set, bar_state):
+    """OHLC float64 [c,105,4], features float32 [c,105,F], valid [c,105] of windows lo..hi."""
+    chunk_starts = starts[lo:hi]
+    from_bars = chunk_starts >= 0 if bar_state is not None else np.zeros(hi - lo, bool)
+    ohlc = np.empty((hi - lo, WINDOW, 4), np.float64)
+    n_f = len(feats.feature_names(feature_set))
+    features = np.empty((hi - lo, WINDOW, n_f), np.float32)
+    valid = np.empty((hi - lo, WINDOW), bool)
+    if from_bars.any():
+        bar_ohlc, bar_feat, bar_valid = bar_state
+        s = chunk_starts[from_bars]
+        ohlc[from_bars] = bar_ohlc[s[:, None] + np.arange(WINDOW)]
+        features[from_bars], valid[from_bars] = feats.windows_from_bars(bar_feat, bar_valid, s,
+                                                                        feature_set)
+    inline = ~from_bars
+    if inline.any():
+        rows = np.flatnonzero(inline) + lo
+        col = ws.windows.column("ohlc").take(pa.array(rows)).combine_chunks()
+        ohlc[inline] = col.flatten().to_numpy().reshape(-1, WINDOW, 4)
+        base, valid[inline] = feats.window_features(ohlc[inline])
+        features[inline] = feats.with_feature_set(base, feature_set)
+    return ohlc, features, valid
