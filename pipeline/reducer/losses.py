@@ -52,7 +52,7 @@ def element_losses(outputs: dict, batch: dict, cfg: LossConfig) -> dict[str, tup
         ce = F.cross_entropy(outputs["type_logits"], label.clamp(min=0), reduction="none")
         out["type"] = (ce, labeled)
     if "pointers" in outputs:
-        target = pointer_target(start, end)
+        target = pointer_target(start, end).to(outputs["pointers"].dtype)
         huber = F.huber_loss(outputs["pointers"], target, delta=cfg.pointer_delta, reduction="none")
         out["pointer"] = (huber, has_span.unsqueeze(1).expand_as(huber))
     bar_mask = None
@@ -64,12 +64,13 @@ def element_losses(outputs: dict, batch: dict, cfg: LossConfig) -> dict[str, tup
     if "span_logits" in outputs:
         logits = outputs["span_logits"]
         pos_weight = torch.tensor(cfg.span_pos_weight, dtype=logits.dtype, device=logits.device)
-        bce = F.binary_cross_entropy_with_logits(logits, span_target(start, end), reduction="none",
+        target = span_target(start, end).to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                                  pos_weight=pos_weight)
         out["span"] = (bce, bar_mask.expand_as(bce))
     if "countdown" in outputs:
         pred = outputs["countdown"]
-        target = countdown_target(start, cfg.countdown_scale)
+        target = countdown_target(start, cfg.countdown_scale).to(pred.dtype)
         huber = F.huber_loss(pred, target, delta=cfg.countdown_delta, reduction="none")
         out["countdown"] = (huber, bar_mask.expand_as(huber))
     return out
