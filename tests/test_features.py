@@ -189,6 +189,13 @@ def test_bounds_respected_on_wild_bars():
     # the clips are reached, so the test would see a missing clip
     assert feat[:, COL["range_z"]].max() == 3
     assert np.abs(feat[:, COL["dist_to_prev_SH"]]).max() == 3
+    # a 400-bar rally that never pulls back confirms no swing: bars_since_* saturate at 3
+    open_ = bars[-1, 3] + 0.5 * np.arange(400.0)
+    rally = np.stack([open_, open_ + 1, open_, open_ + 0.5], axis=1)  # range 1, body 0.5
+    feat, _ = bar_features(np.concatenate([bars, rally]))
+    assert feat[-1, COL["bars_since_SL_norm"]] == 3 and feat[-1, COL["bars_since_SH_norm"]] == 3
+    # consol_proxy uses the clipped bars_since: (1 - 1/3) * (1 - 0.5) * (3 + 3) / 2
+    assert feat[-1, COL["consol_proxy"]] == pytest.approx(1.0, rel=1e-4)
 
 
 def test_not_sparse_and_swing_features_not_constant():
