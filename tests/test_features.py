@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.data import features as F
 from pipeline.data.features import (
@@ -153,6 +155,20 @@ def test_bar_and_window_paths_agree_exactly(tick):
     np.testing.assert_array_equal(feat.reshape(n_windows, WINDOW, -1), feat_w)
     np.testing.assert_array_equal(valid.reshape(n_windows, WINDOW), valid_w)
     assert not feat_w[7].any()  # a flat window has no shape, no range and no swing
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31), tick=st.sampled_from([None, 0.25, 2.0, 25.0]),
+       flat_fraction=st.sampled_from([0.0, 0.1, 0.6]), n_windows=st.integers(1, 6))
+def test_bar_and_window_paths_agree_on_any_series(seed, tick, flat_fraction, n_windows):
+    bars = random_walk(n_windows * WINDOW, seed=seed, tick=tick)
+    flat = np.random.default_rng(seed).random(len(bars)) < flat_fraction
+    bars[flat] = bars[flat, 3:4]  # bars with O = H = L = C: zero ranges, ties everywhere
+    feat, valid = bar_features(bars, np.arange(len(bars)) % WINDOW == 0)
+    feat_w, valid_w = window_features(bars.reshape(n_windows, WINDOW, 4))
+    np.testing.assert_array_equal(feat.reshape(n_windows, WINDOW, -1), feat_w)
+    np.testing.assert_array_equal(valid.reshape(n_windows, WINDOW), valid_w)
+    assert ((feat >= BOUNDS[:, 0]) & (feat <= BOUNDS[:, 1])).all()
 
 
 def test_warmup_and_segment_reset():
