@@ -235,6 +235,7 @@ def test_windows_are_views_of_the_bar_array():
     starts = np.arange(10, 3000 - WINDOW + 1, 52)
     windows, windows_valid = windows_from_bars(feat, valid, starts, "relativity12")
     assert np.shares_memory(windows, feat) and np.shares_memory(windows_valid, valid)
+    assert not windows.flags.writeable  # a write through a window would change its neighbours
     assert windows.shape == (len(starts), WINDOW, 12)
     for k, start in enumerate(starts):
         np.testing.assert_array_equal(windows[k], feat[start:start + WINDOW])

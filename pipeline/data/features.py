@@ -133,25 +133,12 @@ def window_features(ohlc) -> tuple[np.ndarray, np.ndarray]:
     return feats, valid
 
 
-def _window_chunk(ohlc: np.ndarray) -> np.ndarray:
-    n, steps = ohlc.shape[:2]
-    flat = ohlc.reshape(n * steps, 4)
-    pos = np.tile(np.arange(steps), n)
-    o, h, l, c = flat.T
-    atr = _atr(h, l, c, pos)
-    ema = _ema_windows((h - l).reshape(n, steps)).reshape(-1)
-    shaped = [x.reshape(n, steps) for x in (h, l, c, atr)]
-    swings = zigzag.window_states(*shaped)
-    swings = zigzag.SwingState(**{k: v.reshape(-1) for k, v in vars(swings).items()})
-    return _assemble(o, h, l, c, ema, atr, pos, swings).reshape(n, steps, -1)
-
-
 def windows_from_bars(bar_feat, bar_valid, starts, feature_set: str = "relativity12"):
     """Windows [n,105,F] and their valid mask [n,105] starting at bars `starts`.
 
     When the starts are evenly spaced (a stride cut, or a single window) the result is a
-    strided view of `bar_feat` (no copy); arbitrary starts need a gather, which copies. The
-    relativity13 position channel is appended, which copies too.
+    strided, read-only view of `bar_feat` (no copy); arbitrary starts need a gather, which
+    copies. The relativity13 position channel is appended, which copies too.
     """
     names = feature_names(feature_set)
     bar_feat = np.asarray(bar_feat)
@@ -205,6 +192,20 @@ def _check_ohlc(ohlc, ndim: int) -> np.ndarray:
         bad = np.argwhere(~np.isfinite(ohlc))[0]
         raise ValueError(f"ohlc has a non-finite value at index {tuple(bad.tolist())}")
     return ohlc
+
+
+def _window_chunk(ohlc: np.ndarray) -> np.ndarray:
+    """window_features of up to _WINDOW_CHUNK windows; per-bar parts run on the flat bars."""
+    n, steps = ohlc.shape[:2]
+    flat = ohlc.reshape(n * steps, 4)
+    pos = np.tile(np.arange(steps), n)
+    o, h, l, c = flat.T
+    atr = _atr(h, l, c, pos)
+    ema = _ema_windows((h - l).reshape(n, steps)).reshape(-1)
+    shaped = [x.reshape(n, steps) for x in (h, l, c, atr)]
+    swings = zigzag.window_states(*shaped)
+    swings = zigzag.SwingState(**{k: v.reshape(-1) for k, v in vars(swings).items()})
+    return _assemble(o, h, l, c, ema, atr, pos, swings).reshape(n, steps, -1)
 
 
 def _atr(h, l, c, pos) -> np.ndarray:
