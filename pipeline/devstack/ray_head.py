@@ -1,0 +1,222 @@
+"""A real single-node Ray cluster (`ray start --head`) with token auth, for development and tests.
+
+`start_ray_head(num_cpus=4)` runs `ray start --head` with token authentication on, the dashboard
+(and so the job server) bound to loopback, free ports for everything Ray would otherwise put on a
+fixed default (GCS 6379, dashboard 8265, client server 10001: several clusters share this
+machine), its own short `--temp-dir`, and waits until the job server answers an authenticated
+request. `RayHead.stop()` ends exactly this cluster's processes.
+
+Why not `ray stop`: it kills every Ray process on the machine, including other people's
+clusters. Instead we find this cluster's processes by what only they have: our random token in
+their environment (every daemon, worker and job entrypoint inherits it from `ray start`) or our
+temp dir on their command line, plus their descendants. We SIGTERM that set and SIGKILL what is
+left after a grace period.
+
+Ray resolves a loopback `--node-ip-address` to the machine's address (services.py
+`resolve_ip_for_localhost`), so the GCS address is `<node ip>:<port>`; the dashboard host is
+honoured and stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+STARTUP_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0  # gcs_server often ignores SIGTERM; nothing to flush in tests
+OBJECT_STORE_BYTES = 256 * 1024**2  # tests move checkpoints through files, not the object store
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports (held open together so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ray_executable() -> str:
+    """The `ray` script next to this Python (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("ray")
+    if not found:
+        raise UserError("the `ray` command was not found; install ray[default,train]")
+    return found
+
+
+@dataclass
+class RayHead:
+    gcs_address: str  # "ip:port", for `ray start --address` and `train --address`
+    dashboard_url: str  # "http://127.0.0.1:port", the job server
+    token: str
+    temp_dir: Path
+    num_cpus: int
+    client_port: int
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return self.gcs_address
+
+    def env(self) -> dict[str, str]:
+        """Variables a subprocess needs to talk to this cluster (token auth on, the token).
+
+        No RAY_ADDRESS: connecting is always explicit (`--address`), see DESIGN.md."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def log_dir(self) -> Path:
+        return self.temp_dir / "session_latest" / "logs"
+
+    def processes(self) -> list:
+        """Every live process of this cluster (see the module docstring for how we know)."""
+        import psutil
+
+        temp = str(self.temp_dir)
+        roots = {}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if proc.pid == os.getpid():
+                    continue
+                names_us = any(temp in arg for arg in (proc.info["cmdline"] or []))
+                if names_us or proc.environ().get("RAY_AUTH_TOKEN") == self.token:
+                    roots[proc.pid] = proc
+            except psutil.Error:
+                continue
+        found = dict(roots)
+        for proc in roots.values():
+            try:
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child
+            except psutil.Error:
+                continue
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def alive(self) -> bool:
+        return bool(self.processes())
+
+    def stop(self, keep_temp_dir: bool = False) -> None:
+        """SIGTERM every process of this cluster, SIGKILL the rest after a grace period."""
+        import psutil
+
+        if self._stopped:
+            return
+        procs = self.processes()
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+        # processes may have spawned children while stopping: sweep once more
+        alive = {p.pid: p for p in alive}
+        alive.update({p.pid: p for p in self.processes()})
+        for proc in alive.values():
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(list(alive.values()), timeout=STOP_GRACE_S)
+        self._stopped = True
+        if not keep_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> "RayHead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str | Path | None = None,
+                   extra_env: dict[str, str] | None = None, node_ip_address: str | None = None,
+                   timeout_s: float = STARTUP_TIMEOUT_S) -> RayHead:
+    """Start a token-auth Ray head on free ports; returns when its job server answers."""
+    token = token or secrets.token_hex(24)
+    # short path: Ray's unix socket paths live under it and are limited to 107 bytes
+    temp_dir = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="mray-", dir="/tmp"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    gcs_port, dashboard_port, client_port = free_ports(3)
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    env.update({
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # job entrypoints run `python`/`moola-pipeline` from PATH: make it this environment's
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    env.update(extra_env or {})
+    cmd = [
+        ray_executable(), "start", "--head",
+        "--port", str(gcs_port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--include-dashboard", "true",
+        "--ray-client-server-port", str(client_port),
+        "--num-cpus", str(num_cpus), "--num-gpus", "0",
+        "--object-store-memory", str(OBJECT_STORE_BYTES),
+        "--temp-dir", str(temp_dir),
+        "--disable-usage-stats",
+    ]
+    if node_ip_address:
+        cmd += ["--node-ip-address", node_ip_address]
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    head = RayHead(gcs_address="", dashboard_url=f"http://127.0.0.1:{dashboard_port}", token=token,
+                   temp_dir=temp_dir, num_cpus=num_cpus, client_port=client_port)
+    atexit.register(head.stop)  # a crashed test session still leaves no cluster behind
+    try:
+        rc = proc.wait(timeout=timeout_s)
+        if rc != 0:
+            raise RuntimeError(f"`ray start --head` exited {rc}:\n{log_path.read_text()[-3000:]}")
+        head.gcs_address = (temp_dir / "ray_current_cluster").read_text().strip()
+        _wait_for_job_server(head, deadline=time.monotonic() + timeout_s)
+    except BaseException:
+        head.stop(keep_temp_dir=True)
+        raise
+    return head
+
+
+def _wait_for_job_server(head: RayHead, deadline: float) -> None:
+    """Poll the jobs API with the token until it answers 200 (the dashboard starts its job
+    module a little after `ray start` returns)."""
+    import requests
+
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{head.dashboard_url}/api/jobs/", headers=head.auth_headers(), timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise RuntimeError(f"Ray job server at {head.dashboard_url} did not come up: {last}")

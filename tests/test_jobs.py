@@ -1,0 +1,156 @@
+"""`submit`, `status`, `logs`, `stop`, `list` against a real token-auth `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+
+import pytest
+
+from pipeline.devstack.ray_head import free_ports
+from tests.fixtures.cli import assert_user_error, run_cli
+
+pytestmark = pytest.mark.ray
+
+SECRET = "MARKER-secret-do-not-ship-7f3a"
+KEY_ID = "MARKER-keyid-4b1c"
+
+
+def _cli(cluster, *args, env=None, timeout=120):
+    full_env = {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID,
+                "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "RAY_ADDRESS": None, **cluster.env()}
+    full_env.update(env or {})
+    return run_cli(*args, env=full_env, timeout=timeout)
+
+
+def _python(code: str) -> str:
+    return shlex.join([sys.executable, "-c", code])
+
+
+def _job_id(proc) -> str:
+    match = re.search(r"^job: (\S+)$", proc.stdout, re.M)
+    assert match, proc.stdout + proc.stderr
+    return match.group(1)
+
+
+def _ray_client(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth_headers())
+
+
+def test_submit_follow_status_logs_list_and_no_credential_shipped(ray_cluster):
+    code = ("import os, pipeline; print('hello-from-job', os.environ.get('AWS_ENDPOINT_URL')); "
+            "print('shipped-code', pipeline.__file__.startswith(os.getcwd()), "
+            "os.path.isfile('pipeline/jobs.py'), os.path.isdir('.venv'))")
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--follow",
+                "--entrypoint", _python(code))
+    assert proc.returncode == 0, proc.stderr
+    job_id = _job_id(proc)
+    # the job ran where the code shipped, with the forwarded (non-secret) endpoint
+    assert "hello-from-job http://127.0.0.1:9" in proc.stdout
+    assert "shipped-code True True False" in proc.stdout  # the working dir's code, not the venv
+    assert "SUCCEEDED" in proc.stderr
+
+    status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
+    assert status.returncode == 0, status.stderr
+    assert f"{job_id}: SUCCEEDED" in status.stdout
+
+    logs = _cli(ray_cluster, "logs", job_id, "--address", ray_cluster.dashboard_url)
+    assert logs.returncode == 0 and "hello-from-job" in logs.stdout
+
+    listed = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url)
+    assert listed.returncode == 0 and job_id in listed.stdout
+
+    # everything the job server stored about the job: no credential, but the code and endpoint
+    info = _ray_client(ray_cluster).get_job_info(job_id)
+    stored = repr(info.__dict__)
+    assert SECRET not in stored and KEY_ID not in stored and ray_cluster.token not in stored
+    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert "working_dir" in info.runtime_env
+
+
+def test_submit_train_builds_the_train_entrypoint_and_records_the_run(ray_cluster, tmp_path):
+    # No `train` reaches the cluster here: the job is stopped before it matters; what is checked
+    # is what submit sends (entrypoint, metadata, env) and what it prints.
+    out = str(tmp_path / "run1")
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--no-working-dir",
+                "--env", "MOOLA_TEST_FLAG=1", "--", "--data", "/nowhere", "--out", out, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    job_id = _job_id(proc)
+    assert f"run: {out}" in proc.stdout
+    info = _ray_client(ray_cluster).get_job_info(job_id)
+    assert info.entrypoint == f"moola-pipeline train --data /nowhere --out {out} --epochs 1"
+    assert info.metadata["moola_run_uri"] == out
+    assert info.runtime_env["env_vars"]["MOOLA_TEST_FLAG"] == "1"
+    _cli(ray_cluster, "stop", job_id, "--address", ray_cluster.dashboard_url)
+
+
+def test_failed_job_is_reported_with_non_zero_exit(ray_cluster):
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--follow",
+                "--no-working-dir", "--entrypoint", _python("import sys; print('about to fail'); sys.exit(3)"))
+    assert_user_error(proc, "failed", "moola-pipeline logs")
+    job_id = _job_id(proc)
+    assert "about to fail" in proc.stdout
+    status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
+    assert_user_error(status, f"job {job_id} failed")
+
+
+def test_stop_a_running_job(ray_cluster):
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--no-working-dir",
+                "--entrypoint", _python("import time; print('started', flush=True); time.sleep(300)"))
+    job_id = _job_id(proc)
+    stopped = _cli(ray_cluster, "stop", job_id, "--address", ray_cluster.dashboard_url)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"{job_id}: STOPPED" in stopped.stdout
+    status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
+    assert f"{job_id}: STOPPED" in status.stdout
+
+
+def test_wrong_or_missing_token_is_refused_and_cluster_keeps_running(ray_cluster):
+    wrong = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url, "--token", "not-the-token")
+    assert_user_error(wrong, "refused the auth token", ray_cluster.dashboard_url)
+    wrong_env = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url,
+                     "--entrypoint", "echo hi", env={"RAY_AUTH_TOKEN": "also-wrong"})
+    assert_user_error(wrong_env, "refused the auth token")
+    missing = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url,
+                   env={"RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None})
+    assert_user_error(missing, "requires an auth token", "RAY_AUTH_TOKEN")
+    assert "not-the-token" not in wrong.stderr  # the token is not echoed back
+    ok = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_unreachable_address_and_unknown_job(ray_cluster):
+    (port,) = free_ports(1)
+    proc = _cli(ray_cluster, "status", "raysubmit_x", "--address", f"127.0.0.1:{port}")
+    assert_user_error(proc, "cannot reach the Ray job server", f"http://127.0.0.1:{port}")
+    proc = _cli(ray_cluster, "list", env={"RAY_ADDRESS": None})
+    assert_user_error(proc, "--address")
+    for command in ("status", "logs", "stop"):
+        proc = _cli(ray_cluster, command, "raysubmit_doesnotexist", "--address", ray_cluster.dashboard_url)
+        assert_user_error(proc, "no job 'raysubmit_doesnotexist'")
+    proc = _cli(ray_cluster, "logs", "--follow", "raysubmit_doesnotexist", "--address", ray_cluster.dashboard_url)
+    assert_user_error(proc, "no job 'raysubmit_doesnotexist'")
+
+
+def test_address_from_ray_address_env(ray_cluster):
+    proc = _cli(ray_cluster, "list", env={"RAY_ADDRESS": ray_cluster.dashboard_url})
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--env", f"AWS_SECRET_ACCESS_KEY={SECRET}", "--", "--out", "/tmp/r"], "--env AWS_SECRET_ACCESS_KEY"),
+    (["--", "--out", "/tmp/r", "--note", SECRET], "AWS_SECRET_ACCESS_KEY"),
+    (["--", "--data", "/d"], "--out"),
+    (["--", "--out", "runs/r1"], "--out runs/r1"),
+    (["--env", "NOEQUALS", "--", "--out", "/tmp/r"], "--env 'NOEQUALS'"),
+])
+def test_bad_submit_input_is_refused_before_anything_is_sent(args, needle):
+    # an unreachable address: these must fail on the input, before any connection
+    (port,) = free_ports(1)
+    proc = run_cli("submit", "--address", f"127.0.0.1:{port}", *args,
+                   env={"AWS_SECRET_ACCESS_KEY": SECRET})
+    assert_user_error(proc, needle)
+    assert SECRET not in proc.stderr
