@@ -118,6 +118,13 @@ def test_features_are_causal():
         np.testing.assert_array_equal(feat_c[:cut], feat[:cut])
         np.testing.assert_array_equal(valid_c[:cut], valid[:cut])
         assert not np.array_equal(feat_c[cut:], feat[cut:])
+    # per window too: bar t of a window does not see the window's later bars
+    windows = bars[: 14 * WINDOW].reshape(14, WINDOW, 4)
+    feat_w, _ = window_features(windows)
+    for cut in (1, 50, 104):
+        changed = windows.copy()
+        changed[:, cut:] = changed[:, cut:] * 1.01 + 3.0
+        np.testing.assert_array_equal(window_features(changed)[0][:, :cut], feat_w[:, :cut])
 
 
 # --- state across windows, warm-up, segments ---------------------------------------------------

@@ -15,9 +15,9 @@ walk), which made bars_since_*, and with them consol_proxy, nearly constant. We 
 primary rule alone a random walk confirms a swing every ~5.7 bars.
 
 Two implementations of the same rule, which must agree bit for bit (tests check it):
-- `series_events`: one continuous series, a tight Python loop (the only sequential part of
-  featurisation), returning the rare-ish confirmation events; numpy expands them to per-bar
-  state (`features.py`).
+- `series_events`: one continuous series, a tight Python loop over the bars that only
+  compares prices and records the confirmations (about one per 6 bars); `series_states` then
+  expands them to per-bar state with numpy.
 - `window_states`: many independent 105-bar windows at once, looping over the time steps with
   numpy ops across all windows.
 Both make the same float64 comparisons on the same precomputed thresholds
