@@ -5,6 +5,7 @@ and checkpoints to a SeaweedFS S3 bucket."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -12,11 +13,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlparse
 
 import pytest
 import requests
 
 from tests.fixtures.cli import REPO
+from tests.fixtures.netns import TcpForwarder, create_net, netns_available
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -34,7 +38,7 @@ def node_env(net, node, rank: int, token: str, **extra) -> dict:
         "NODE_RANK": str(rank), "NUM_NODES": str(len(net.nodes)),
         "PRIMARY_ADDR": head.addr, "MASTER_ADDR": head.addr, "NODE_ADDR": node.addr,
         "MOOLA_NET_IFACE": node.iface,  # RunPod's ens1 is this veth here
-        "RAY_AUTH_TOKEN": token,
+        "RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token",  # as runpod/*.json set it
         "MOOLA_RAY_NUM_CPUS": "1",  # one CPU per node: two 1-CPU workers must use both nodes
         "MOOLA_RAY_TEMP_DIR": f"/tmp/{net.prefix}-{rank}",  # short: Ray's socket paths have a limit
         "MOOLA_RAY_START_ARGS": "--object-store-memory 100000000",
@@ -59,24 +63,36 @@ def wait_for_line(log: Path, needle: str, procs, timeout_s: float) -> None:
     raise AssertionError(f"{needle!r} not in {log} after {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def two_node_cluster(netns_nodes, tmp_path):
-    """A 2-node Ray cluster from infra/bootstrap.sh: head serving in ns 0, a member in ns 1."""
-    net = netns_nodes(2)
+@pytest.fixture(scope="module")
+def two_node_cluster(s3_server, tmp_path_factory):
+    """A 2-node Ray cluster from infra/bootstrap.sh (head serving in ns 0, a member in ns 1), with
+    the session's SeaweedFS S3 reachable from both namespaces through the bridge."""
+    why = netns_available()
+    if why:
+        pytest.fail(f"network-namespace test {why}")
+    tmp = tmp_path_factory.mktemp("two_node")
+    net = create_net(2)
     head, worker = net.nodes
     token = secrets.token_hex(16)
-    logs = {"head": tmp_path / "head.log", "worker": tmp_path / "worker.log"}
+    endpoint = urlparse(s3_server.endpoint)
+    forward = TcpForwarder(net.bridge_addr, endpoint.hostname, endpoint.port)
+    s3_env = {**s3_server.env(), "AWS_ENDPOINT_URL": f"http://{forward.host}:{forward.port}",
+              "AWS_ENDPOINT_URL_S3": f"http://{forward.host}:{forward.port}"}
+    logs = {"head": tmp / "head.log", "worker": tmp / "worker.log"}
     try:
         # The member starts first and must wait for the head, as on a real cluster.
-        w = net.popen(worker, [BOOTSTRAP], node_env(net, worker, 1, token), logs["worker"])
+        w = net.popen(worker, [BOOTSTRAP], node_env(net, worker, 1, token, **s3_env), logs["worker"])
         time.sleep(2)
-        h = net.popen(head, [BOOTSTRAP], node_env(net, head, 0, token), logs["head"])
+        h = net.popen(head, [BOOTSTRAP], node_env(net, head, 0, token, **s3_env), logs["head"])
         wait_for_line(logs["head"], "cluster ready: 2 node(s)", [h, w], 180)
-        yield net, token, logs
+        yield SimpleNamespace(net=net, token=token, logs=logs, s3_env=s3_env, tmp=tmp)
     finally:
-        net.stop_all()
-        for rank in (0, 1):
-            shutil.rmtree(f"/tmp/{net.prefix}-{rank}", ignore_errors=True)
+        try:
+            net.teardown()
+        finally:
+            forward.close()
+            for rank in (0, 1):
+                shutil.rmtree(f"/tmp/{net.prefix}-{rank}", ignore_errors=True)
 
 
 CHECK_NODES = r"""
@@ -95,13 +111,13 @@ print("NODES " + json.dumps(ray.get(refs)))
 
 
 def test_bootstrap_forms_two_node_cluster_with_token_auth(two_node_cluster):
-    net, token, logs = two_node_cluster
+    net, token, logs = two_node_cluster.net, two_node_cluster.token, two_node_cluster.logs
     head, worker = net.nodes
     head_log = logs["head"].read_text()
     assert f"collectives on {head.iface}" in head_log
 
     # Every node is alive, on its own address, with gloo/NCCL bound to its own inter-node NIC.
-    env = node_env(net, head, 0, token, RAY_AUTH_MODE="token", RAY_ADDRESS=f"{head.addr}:6379")
+    env = node_env(net, head, 0, token, RAY_ADDRESS=f"{head.addr}:6379")
     proc = net.run(head, [sys.executable, "-c", CHECK_NODES], env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("NODES "))
@@ -127,3 +143,49 @@ def test_member_without_head_fails_within_its_bound(netns_nodes, tmp_path):
     assert f"the Ray head at {net.nodes[0].addr}:6379 did not answer within 4s" in proc.stderr
     assert "MOOLA_HEAD_WAIT_S" in proc.stderr
     assert elapsed < 4 + 15, elapsed  # the bound plus one probe and start-up, not Ray's own timeouts
+
+
+def ray_actor_logs(log_root: str, actor: str) -> list[Path]:
+    """Worker log files of one node whose process ran `actor` (Ray tags them `:actor_name:X`)."""
+    logs = Path(log_root) / "session_latest" / "logs"
+    return [p for p in logs.glob("worker-*.out") if f":actor_name:{actor}" in p.read_text(errors="replace")]
+
+
+def test_two_worker_training_spans_both_nodes_and_checkpoints_to_s3(two_node_cluster, s3_server,
+                                                                    monkeypatch):
+    from pipeline.data.shards import random_chunks, write_shard_set
+    from pipeline.train.rundir import read_metrics
+
+    c = two_node_cluster
+    head = c.net.nodes[0]
+    bucket = f"t-{secrets.token_hex(6)}"
+    s3_server.boto3_client().create_bucket(Bucket=bucket)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    write_shard_set(f"s3://{bucket}/shards", [f"f{i}" for i in range(12)], itertools.chain(
+        random_chunks(32, split="train", seed=0), random_chunks(8, split="val", seed=1)))
+    config = c.tmp / "run.yaml"
+    config.write_text("model:\n  hidden: 16\n  head_width: 16\n")
+
+    # The driver runs on the head node, like a job submitted there; the token and S3 settings
+    # come from the environment bootstrap gives every node.
+    env = node_env(c.net, head, 0, c.token, **c.s3_env)
+    proc = c.net.run(head, [str(Path(VENV_BIN) / "moola-pipeline"), "train",
+                            "--data", f"s3://{bucket}/shards", "--out", f"s3://{bucket}/runs/r1",
+                            "--config", str(config), "--workers", "2", "--epochs", "2",
+                            "--batch-size", "8", "--address", f"{head.addr}:6379"],
+                     env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+
+    keys = [o["Key"] for o in s3_server.boto3_client().list_objects_v2(
+        Bucket=bucket, Prefix="runs/r1/").get("Contents", [])]
+    assert any("/checkpoint_" in k for k in keys), keys
+    records = read_metrics(f"s3://{bucket}/runs/r1")
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 for r in records)
+
+    # One CPU per node and one CPU per worker: the two workers ran on different nodes.
+    per_node = [ray_actor_logs(f"/tmp/{c.net.prefix}-{rank}", "RayTrainWorker") for rank in (0, 1)]
+    assert all(per_node), per_node
+    assert c.token not in proc.stdout + proc.stderr
+    assert s3_server.secret_key not in proc.stdout + proc.stderr
