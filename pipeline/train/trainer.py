@@ -66,22 +66,35 @@ def prepare_run(cfg: TrainConfig, resume: bool, overrides: dict | None = None) -
         raise UserError(f"{out} exists and is not empty: choose an empty or new --out")
     if not cfg.run_id:
         cfg.run_id = new_run_id(out)
-    cfg.validate()
-    storage.makedirs(out)
-    storage.write_text_atomic(config_uri, to_yaml(cfg))
-    return cfg
+    return cfg.validate()
 
 
-def copy_manifest(cfg: TrainConfig) -> dict:
-    from pipeline.data.manifest import load_manifest, manifest_uri
-    manifest = load_manifest(cfg.data, verify=False)
-    storage.write_bytes_atomic(storage.join(cfg.out, rundir.MANIFEST),
-                               storage.read_bytes(manifest_uri(cfg.data)))
+def preflight(cfg: TrainConfig) -> dict:
+    """Everything a user can get wrong, checked before anything is written: the data's manifest
+    and splits, model, loss and weighting settings. Returns the manifest."""
+    from dataclasses import asdict
+
+    from pipeline.data.manifest import load_manifest
+    from pipeline.model import JadeConfig
+    from pipeline.reducer import LossConfig, build_weighting
+
+    manifest = load_manifest(cfg.data, verify=False)  # workers verify every shard's sha256
     for split in ("train", "val"):
         if not manifest.get("splits", {}).get(split):
             raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
                             f"non-zero {split} fraction")
+    model_cfg = JadeConfig(n_features=len(manifest["features"]), **asdict(cfg.model))
+    loss_cfg = LossConfig(**asdict(cfg.loss))
+    build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
     return manifest
+
+
+def write_run_files(cfg: TrainConfig) -> None:
+    from pipeline.data.manifest import manifest_uri
+    storage.makedirs(cfg.out)
+    storage.write_text_atomic(storage.join(cfg.out, rundir.CONFIG), to_yaml(cfg))
+    storage.write_bytes_atomic(storage.join(cfg.out, rundir.MANIFEST),
+                               storage.read_bytes(manifest_uri(cfg.data)))
 
 
 def init_ray(cfg: TrainConfig) -> None:
@@ -222,11 +235,12 @@ def fit(trainer, cfg: TrainConfig, progress) -> object:
 def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None,
                  progress=None) -> RunSummary:
     cfg = prepare_run(cfg, resume, overrides)
-    copy_manifest(cfg)
-    resume_from = latest_local_checkpoint(cfg) if (resume and cfg.cluster.workers == 0) else None
+    preflight(cfg)
     if cfg.cluster.workers > 0:
         init_ray(cfg)
         check_storage_for_cluster(cfg)
+    write_run_files(cfg)
+    resume_from = latest_local_checkpoint(cfg) if (resume and cfg.cluster.workers == 0) else None
     trainer = build_trainer(cfg, resume_from)
     progress = progress or PlainProgress(cfg)
     fit(trainer, cfg, progress)
