@@ -7,12 +7,13 @@ before writing anything, so a refused input leaves --out untouched.
 from __future__ import annotations
 
 import click
-import numpy as np
 
 from pipeline.errors import UserError
 
 
 def _summary(ws, out: str, extra: str = "") -> None:
+    import numpy as np
+
     from pipeline.data import schema
 
     labels = ws.column("label")
