@@ -1,0 +1,184 @@
+"""Balance alarms: the signs of a task that is not learning, from the metrics records alone.
+
+The old runs found a starving task after twenty epochs by hand (countdown at 91% of the loss,
+span F1 stuck at 0, pointer silenced). These checks read the per-epoch records and say so at
+the epoch it becomes visible:
+
+- starving: a task's gradient share on the shared encoder stayed below `starve_share` for
+  `starve_checks` consecutive epochs (or the GradientProbe itself lists it as starving);
+- log-variance at its bound: a learned s = log sigma^2 sat at the clamp from the run config
+  (`loss.weighting_options.clamp`) for `logvar_epochs` epochs; without a clamp, |s| beyond
+  `logvar_limit` (a weight of e^6 ~ 400x or 1/400x means that task owns or has left the loss);
+- plateau: a task's val loss has not improved for `plateau_epochs` epochs while another task's
+  has, i.e. the others are learning and this one is not;
+- non-finite: NaN or inf in any train or val loss.
+
+`AlarmChecker` is incremental (the live sink feeds it one record per epoch); `replay()` runs it
+over a whole run for the report. Both use the same code, so the report shows what the run printed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from pipeline.report.run import number
+
+
+@dataclass
+class AlarmConfig:
+    starve_share: float = 0.05     # the GradientProbe's own default
+    starve_checks: int = 3
+    logvar_clamp: tuple[float, float] | None = None
+    logvar_tolerance: float = 1e-3
+    logvar_limit: float = 6.0
+    logvar_epochs: int = 2
+    plateau_epochs: int = 5
+    plateau_min_delta: float = 0.01  # relative improvement that counts (1%: not noise)
+
+    @classmethod
+    def from_run_config(cls, config: dict | None, **overrides) -> "AlarmConfig":
+        """Thresholds from a resolved run config: the clamp of the weighting, the probe's
+        starving threshold, and an optional `alarms:` mapping with any field above."""
+        config = config or {}
+        values: dict = {}
+        options = ((config.get("loss") or {}).get("weighting_options") or {})
+        if options.get("clamp") is not None:
+            values["logvar_clamp"] = tuple(float(c) for c in options["clamp"])
+        extra = config.get("alarms") or (config.get("report") or {}).get("alarms") or {}
+        names = {f.name for f in fields(cls)}
+        values.update({k: v for k, v in extra.items() if k in names})
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class Alarm:
+    kind: str      # starving | logvar_bound | plateau | nonfinite
+    task: str
+    epoch: int
+    message: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.task
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "kind": self.kind, "task": self.task, "message": self.message}
+
+
+@dataclass
+class AlarmChecker:
+    config: AlarmConfig = field(default_factory=AlarmConfig)
+    history: list[dict] = field(default_factory=list)
+    _low_share: dict[str, int] = field(default_factory=dict)
+    _at_bound: dict[str, int] = field(default_factory=dict)
+    _best_val: dict[str, tuple[float, int]] = field(default_factory=dict)  # task -> (loss, epoch)
+
+    def check(self, record: dict) -> list[Alarm]:
+        """Add one epoch's record; return every alarm active at this epoch."""
+        self.history.append(record)
+        epoch = int(record.get("epoch", len(self.history) - 1))
+        return (self._nonfinite(record, epoch) + self._starving(record, epoch)
+                + self._logvar(record, epoch) + self._plateau(record, epoch))
+
+    def _nonfinite(self, record: dict, epoch: int) -> list[Alarm]:
+        out = []
+        for split in ("train", "val"):
+            for task, value in sorted((record.get(split) or {}).items()):
+                v = number(value)
+                if v is not None and not math.isfinite(v):
+                    out.append(Alarm("nonfinite", task, epoch,
+                                     f"{task}: {split} loss is {v} at epoch {epoch}"))
+        return out
+
+    def _starving(self, record: dict, epoch: int) -> list[Alarm]:
+        c, out = self.config, []
+        shares = record.get("grad_share") or {}
+        for task, value in shares.items():
+            share = number(value)
+            if share is None:
+                continue
+            self._low_share[task] = self._low_share.get(task, 0) + 1 if share < c.starve_share else 0
+        probe_says = set(record.get("starving") or [])
+        for task in sorted(set(self._low_share) | probe_says):
+            n = self._low_share.get(task, 0)
+            if n >= c.starve_checks or task in probe_says:
+                share = number(shares.get(task))
+                figure = f"{share:.3g}" if share is not None else "n/a"
+                out.append(Alarm("starving", task, epoch,
+                                 f"{task} is starving: gradient share on the shared encoder "
+                                 f"{figure} < {c.starve_share:g} for {max(n, 1)} epoch(s) "
+                                 f"(epoch {epoch}); its loss barely moves the encoder"))
+        return out
+
+    def _logvar(self, record: dict, epoch: int) -> list[Alarm]:
+        c, out = self.config, []
+        for task, value in sorted((record.get("log_vars") or {}).items()):
+            s = number(value)
+            if s is None:
+                continue
+            if c.logvar_clamp is not None:
+                lo, hi = c.logvar_clamp
+                bound = lo if abs(s - lo) <= c.logvar_tolerance else \
+                    hi if abs(s - hi) <= c.logvar_tolerance else None
+                what = f"its clamp {bound:g}" if bound is not None else ""
+            else:
+                bound = s if abs(s) >= c.logvar_limit else None
+                what = f"|s| >= {c.logvar_limit:g} (no clamp configured)"
+            self._at_bound[task] = self._at_bound.get(task, 0) + 1 if bound is not None else 0
+            if self._at_bound[task] >= c.logvar_epochs:
+                out.append(Alarm("logvar_bound", task, epoch,
+                                 f"{task}: log-variance s = {s:.3g} stuck at {what} for "
+                                 f"{self._at_bound[task]} epochs (weight exp(-s) = "
+                                 f"{math.exp(-s):.3g})"))
+        return out
+
+    def _plateau(self, record: dict, epoch: int) -> list[Alarm]:
+        c = self.config
+        improved_at = {}
+        for task, value in (record.get("val") or {}).items():
+            v = number(value)
+            if task == "total" or v is None or not math.isfinite(v):
+                continue
+            best = self._best_val.get(task)
+            if best is None or v < best[0] - c.plateau_min_delta * abs(best[0]):
+                self._best_val[task] = (v, epoch)
+            improved_at[task] = self._best_val[task][1]
+        out = []
+        for task, last in sorted(improved_at.items()):
+            stalled = epoch - last
+            others = [t for t, e in improved_at.items() if t != task and epoch - e < c.plateau_epochs]
+            if stalled >= c.plateau_epochs and others:
+                out.append(Alarm("plateau", task, epoch,
+                                 f"{task}: val loss has not improved for {stalled} epochs (best "
+                                 f"{self._best_val[task][0]:.4g} at epoch {last}) while "
+                                 f"{', '.join(sorted(others))} improved"))
+        return out
+
+
+def replay(records: list[dict], config: AlarmConfig | None = None) -> list[tuple[Alarm, Alarm]]:
+    """Every distinct alarm of a run as (first raised, latest state), in order of first raise.
+
+    The latest state is the alarm at the last epoch it was active; the report marks whether it
+    is still active at the end of the run."""
+    checker = AlarmChecker(config or AlarmConfig())
+    first: dict[tuple, Alarm] = {}
+    latest: dict[tuple, Alarm] = {}
+    for record in records:
+        for alarm in checker.check(record):
+            first.setdefault(alarm.key, alarm)
+            latest[alarm.key] = alarm
+    return [(first[k], latest[k]) for k in first]
+
+
+def describe_thresholds(config: AlarmConfig) -> str:
+    clamp = (f"clamp {list(config.logvar_clamp)}" if config.logvar_clamp
+             else f"|s| >= {config.logvar_limit:g} (no clamp)")
+    return (f"starving: share < {config.starve_share:g} for {config.starve_checks} epochs; "
+            f"log-variance: {clamp} for {config.logvar_epochs} epochs; plateau: "
+            f"{config.plateau_epochs} epochs without val improvement while another task "
+            f"improves; any NaN/inf loss")
+
+
+__all__ = ["Alarm", "AlarmChecker", "AlarmConfig", "replay", "describe_thresholds"]

@@ -1,0 +1,185 @@
+"""report.html and compare.html from the recorded run: what they contain, that they render in
+headless Chromium to a non-blank page with no broken image, that every inline PNG decodes, that
+s3:// run directories work, and that bad input is one clear error with nothing written."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageStat
+
+from tests.fixtures.cli import assert_user_error, run_cli
+
+RECORDED = Path(__file__).parent / "data" / "recorded_run"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--hide-scrollbars"]
+IMG_RE = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+# Injected into a copy of the page: after load, record which <img> did not decode.
+CHECK_IMAGES = """<script>window.addEventListener('load', () => {
+  const bad = [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  document.body.setAttribute('data-images', String(document.images.length));
+  document.body.setAttribute('data-broken', JSON.stringify(bad));
+});</script>"""
+
+
+def copy_run(tmp_path, name="run") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(RECORDED, dest, ignore=shutil.ignore_patterns("report.html"))
+    return dest
+
+
+def make_starving(tmp_path, name="starving") -> Path:
+    import sys
+    sys.path.insert(0, str(RECORDED.parent))
+    from make_recorded_run import make_run
+    return Path(make_run(str(tmp_path / name), starving=True))
+
+
+def chromium(tmp_path, *args, timeout=60) -> subprocess.CompletedProcess:
+    assert Path(CHROMIUM).exists(), "chromium missing: run infra/test-deps.sh"
+    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_renders(tmp_path, page: Path) -> None:
+    """Not blank in a screenshot, every <img> decoded by the browser and by Pillow."""
+    text = page.read_text()
+    images = IMG_RE.findall(text)
+    assert len(images) == text.count("<img"), "an <img> that is not an inline PNG"
+    for alt, data in images:
+        im = Image.open(io.BytesIO(base64.b64decode(data)))
+        im.load()
+        assert im.size[0] > 100 and im.size[1] > 100, alt
+        assert ImageStat.Stat(im.convert("L")).stddev[0] > 5, f"{alt}: a blank plot"
+    # no network fetches: nothing loads from http(s)
+    assert not re.search(r'(src|href)="https?:', text) and "url(http" not in text
+
+    shot = tmp_path / f"{page.stem}.png"
+    proc = chromium(tmp_path, "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri())
+    assert shot.exists(), proc.stderr[-2000:]
+    gray = Image.open(shot).convert("L")
+    stat = ImageStat.Stat(gray)
+    assert stat.stddev[0] > 20, f"screenshot looks blank (stddev {stat.stddev[0]:.1f})"
+    inked = sum(gray.histogram()[:200]) / (gray.width * gray.height)
+    assert inked > 0.01, f"only {inked:.2%} of the screenshot is drawn"
+
+    probe = tmp_path / f"{page.stem}-probe.html"
+    probe.write_text(text.replace("</body>", CHECK_IMAGES + "</body>"))
+    dom = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()).stdout
+    count = re.search(r'data-images="(\d+)"', dom)
+    broken = re.search(r'data-broken="([^"]*)"', dom)
+    assert count and broken, dom[:500]
+    assert int(count.group(1)) == len(images) > 0
+    assert json.loads(broken.group(1).replace("&quot;", '"')) == []
+
+
+def test_report_of_recorded_run_has_every_section_and_renders(tmp_path):
+    run = copy_run(tmp_path)
+    proc = run_cli("report", run)
+    assert proc.returncode == 0, proc.stderr
+    page = run / "report.html"
+    assert proc.stdout.strip() == str(page)
+    text = page.read_text()
+    for section in ("No balance alarms", "Summary per task", "Task metrics", "Losses",
+                    "Task weights and log-variances", "Gradients on the shared encoder",
+                    "Best-epoch predictions", "Throughput", "Resolved config", "relativity12"):
+        assert section in text, section
+    alts = [alt for alt, _ in IMG_RE.findall(text)]
+    assert alts == ["per-task loss curves", "task weights", "gradient norms and shares",
+                    "task metric curves", "span probability histogram",
+                    "val windows with expansions", "throughput and epoch times"]
+    assert_renders(tmp_path, page)
+
+
+def test_alarms_are_at_the_top_of_a_starving_runs_report(tmp_path):
+    run = make_starving(tmp_path)
+    proc = run_cli("report", run, "--out", tmp_path / "elsewhere.html")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "elsewhere.html").read_text()
+    assert not (run / "report.html").exists()
+    alarms_at = text.index("Balance alarms")
+    assert alarms_at < text.index("Summary per task") < text.index("<img")
+    assert "countdown is starving" in text and "plateau" in text
+
+
+def test_report_says_what_is_missing(tmp_path):
+    run = copy_run(tmp_path)
+    (run / "best_val_predictions.npz").unlink()
+    (run / "manifest.json").unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    stripped = []
+    for line in lines:
+        r = json.loads(line)
+        for key in ("grad_norm", "grad_share", "log_vars", "span", "samples_per_s"):
+            r.pop(key, None)
+        stripped.append(json.dumps(r))
+    (run / "metrics.jsonl").write_text("\n".join(stripped) + "\n")
+    proc = run_cli("report", run)
+    assert proc.returncode == 0, proc.stderr
+    text = (run / "report.html").read_text()
+    assert "Not in this run" in text
+    assert "best_val_predictions.npz" in text and "manifest.json" in text
+    assert re.search(r"record keys absent: [^<]*grad_norm", text)
+    assert "No data for: gradient norms and shares" in text
+    assert_renders(tmp_path, run / "report.html")
+
+
+def test_compare_puts_runs_side_by_side_and_renders(tmp_path):
+    healthy, starving = copy_run(tmp_path, "healthy"), make_starving(tmp_path)
+    out = tmp_path / "cmp.html"
+    proc = run_cli("compare", healthy, starving, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "1. healthy (uncertainty)" in text and "2. starving (uncertainty)" in text
+    assert "Final and best metrics" in text and "val loss countdown" in text
+    assert re.search(r"starving countdown \(epoch \d+\)", text)
+    assert len(IMG_RE.findall(text)) == 3
+    assert_renders(tmp_path, out)
+
+
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path):
+    assert_user_error(run_cli("report", tmp_path / "nope"), "nope", "not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_cli("report", empty), "no metrics.jsonl")
+    run = copy_run(tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 12, "train": \n')
+    proc = run_cli("report", run)
+    assert_user_error(proc, "metrics.jsonl line 13", "not valid JSON")
+    assert not (run / "report.html").exists()
+    good = copy_run(tmp_path, "good")
+    proc = run_cli("compare", good, run, "--out", tmp_path / "c.html")
+    assert_user_error(proc, "line 13")
+    assert not (tmp_path / "c.html").exists()
+    (good / "best_val_predictions.npz").write_bytes(b"not a zip")
+    assert_user_error(run_cli("report", good), "best_val_predictions.npz", "cannot be read")
+    assert_user_error(run_cli("compare"), "RUN")
+
+
+@pytest.mark.s3
+def test_report_and_compare_of_an_s3_run_directory(tmp_path, s3_bucket):
+    client = s3_bucket.server.boto3_client()
+    for path in RECORDED.iterdir():
+        if path.name != "report.html":
+            client.upload_file(str(path), s3_bucket.name, f"runs/a/{path.name}")
+    uri = f"{s3_bucket.uri}/runs/a"
+    proc = run_cli("report", uri, env=s3_bucket.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{uri}/report.html"
+    assert "runs/a/report.html" in s3_bucket.keys()
+    body = client.get_object(Bucket=s3_bucket.name, Key="runs/a/report.html")["Body"].read()
+    assert b"Summary per task" in body and body.count(b"data:image/png;base64,") == 7
+    proc = run_cli("compare", uri, RECORDED, "--out", f"{s3_bucket.uri}/cmp.html", env=s3_bucket.env)
+    assert proc.returncode == 0, proc.stderr
+    assert "cmp.html" in s3_bucket.keys()
