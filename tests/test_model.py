@@ -113,3 +113,23 @@ def test_unreadable_or_missing_checkpoint_is_a_user_error(tmp_path):
         load_encoder(JadeCompact(), str(bad))
     with pytest.raises(UserError, match="nope.pt"):
         load_encoder(JadeCompact(), str(tmp_path / "nope.pt"))
+
+
+def test_encoder_loads_from_a_trainer_checkpoint_directory(tmp_path):
+    # The layout pipeline.train.checkpoint writes: state.pt (with optimizer, scheduler and loader
+    # state, numpy values included) beside rng-rank*.pt and meta.json.
+    import numpy as np
+
+    from pipeline.train import checkpoint as ckpt
+
+    torch.manual_seed(2)
+    mt = MultiTaskModel.build()
+    opt = torch.optim.AdamW(mt.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    state = {"multitask": mt.state_dict(), "model": mt.model.state_dict(),
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "loader": {"epoch": np.int64(3), "perm": np.arange(4)}, "epoch": 3}
+    ckpt.write_checkpoint(str(tmp_path), 0, state, {"epoch": 3})
+    target = JadeCompact()
+    load_encoder(target, str(tmp_path))
+    assert torch.equal(target.lstm.weight_ih_l0, mt.model.lstm.weight_ih_l0)

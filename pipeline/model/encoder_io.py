@@ -16,6 +16,7 @@ MultiTaskModel, `_orig_mod.` from torch.compile) are stripped, and the original 
 from __future__ import annotations
 
 import io
+import pickle
 from typing import Mapping
 
 import torch
@@ -48,7 +49,13 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     path = _checkpoint_file(uri)
     data = storage.read_bytes(path)
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # The trainer's state.pt also holds RNG and loader state (numpy objects) that the
+            # weights-only unpickler refuses; checkpoints are the user's own files, as in
+            # pipeline.train.checkpoint.read_state.
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises several types for a file that is not a checkpoint
         raise UserError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
