@@ -53,6 +53,17 @@ class Ingested:
     ignored_columns: list[str] = field(default_factory=list)
 
 
+class Quoted:
+    """Per-row detail for a problem message, `repr` of the row's value, computed only for the
+    rows that are reported (a bar file has millions of rows)."""
+
+    def __init__(self, values: pa.Array):
+        self.values = values
+
+    def __getitem__(self, row) -> str:
+        return repr(self.values[int(row)].as_py())
+
+
 # --- reading files -------------------------------------------------------------------------
 
 def _is_csv(uri: str) -> bool:
@@ -110,8 +121,7 @@ def number_column(table: pa.Table, name: str, problems: Problems) -> tuple[np.nd
     ok = np.asarray(pc.match_substring_regex(text, NUMBER_RE).fill_null(False), dtype=bool)
     problems.add_mask(f"missing {name}", null)
     bad = ~null & ~ok
-    values = text.to_pylist()
-    problems.add_mask(f"non-numeric {name}", bad, [repr(v) for v in values])
+    problems.add_mask(f"non-numeric {name}", bad, Quoted(text))
     clean = pc.if_else(pa.array(ok), text, pa.scalar(None, pa.string()))
     values = np.asarray(clean.cast(pa.float64()).fill_null(np.nan).to_numpy(), dtype=np.float64)
     return values, null | bad
@@ -143,9 +153,8 @@ def timestamp_column(col: pa.ChunkedArray | pa.Array, name: str, problems: Probl
     wanted = ~null if ok_rows is None else ~null & ok_rows
     good = np.asarray(pc.match_substring_regex(text, ISO_TIME_RE).fill_null(False), bool) & wanted
     zoned = np.asarray(pc.match_substring_regex(text, ZONE_RE).fill_null(False), bool) & good
-    values = text.to_pylist()
     problems.add_mask(f"unreadable {name} (use ISO 8601, like 2024-01-02T14:30:00Z)",
-                      wanted & ~good, [repr(v) for v in values])
+                      wanted & ~good, Quoted(text))
     out = np.zeros(n, np.int64)
     for mask, type_ in ((zoned, pa.timestamp("us", tz="UTC")), (good & ~zoned, pa.timestamp("us"))):
         if mask.any():
@@ -156,7 +165,7 @@ def timestamp_column(col: pa.ChunkedArray | pa.Array, name: str, problems: Probl
             except pa.ArrowInvalid:  # the pattern matched but the date does not exist (Feb 30)
                 parsed = pa.array([_parse_one(v, type_) for v in part.to_pylist()], type_)
                 problems.add_mask(f"impossible {name}", _scatter(n, idx, parsed.is_null()),
-                                  [repr(v) for v in values])
+                                  Quoted(text))
             out[idx] = np.asarray(parsed.cast(pa.int64()).fill_null(0).to_numpy())
             good[idx[np.asarray(parsed.is_null(), bool)]] = False
     return out, ~good
@@ -245,7 +254,7 @@ def _ints(col: pa.ChunkedArray, name: str, problems: Problems) -> pa.Array:
         return col.combine_chunks()
     text = _as_strings(col)
     ok = np.asarray(pc.match_substring_regex(text, INTEGER_RE).fill_null(True), bool)
-    problems.add_mask(f"non-integer {name}", ~ok, [repr(v) for v in text.to_pylist()])
+    problems.add_mask(f"non-integer {name}", ~ok, Quoted(text))
     return pc.if_else(pa.array(ok), text, pa.scalar(None, pa.string())).cast(pa.int64())
 
 
@@ -272,9 +281,8 @@ def _label_starts(col: pa.ChunkedArray, ts: np.ndarray, problems: Problems) -> n
     starts[hit] = pos[hit]
     found = (is_int & (starts >= 0) & (starts < n_bars)) | hit
     problems.add_mask("missing start", null)
-    values = col.cast(pa.string()).to_pylist()
     problems.add_mask(f"a start that is not in the bar series ({n_bars} bars)",
-                      (is_int | by_time) & ~found, [repr(v) for v in values])
+                      (is_int | by_time) & ~found, Quoted(col.cast(pa.string())))
     runs_past = found & (starts + WINDOW > n_bars)
     problems.add_mask(f"a window that runs past the last bar (needs {WINDOW} bars from start)",
                       runs_past, [f"start bar {s}" for s in starts])
