@@ -1,0 +1,102 @@
+"""infra/bootstrap.sh, the container entrypoint, run without Docker: bad RunPod-style environments
+fail fast with one clear line, and a single pod (no node variables) runs for real in a network
+namespace: Ray head with token auth, the command run with RAY_ADDRESS, its exit status passed on,
+a small /dev/shm reported. The multi-node paths are in test_two_node.py."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cli import REPO
+
+BOOTSTRAP = str(REPO / "infra" / "bootstrap.sh")
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_", "AWS_", "NCCL_", "GLOO_", "MOOLA_"))
+           and k not in ("NODE_RANK", "NUM_NODES", "PRIMARY_ADDR", "MASTER_ADDR", "NODE_ADDR",
+                         "NUM_TRAINERS")}
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.update(extra)
+    return env
+
+
+def bootstrap(env: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([BOOTSTRAP, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TOKEN = "tok-" + secrets.token_hex(8)
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"NODE_RANK": "2", "NUM_NODES": "2", "PRIMARY_ADDR": "169.254.1.2", "NODE_ADDR": "169.254.1.3"},
+     "NODE_RANK=2 must be below NUM_NODES=2"),
+    ({"NODE_RANK": "one", "NUM_NODES": "2"}, "rank=one is not a non-negative integer"),
+    ({"NODE_RANK": "1", "NUM_NODES": "2", "NODE_ADDR": "169.254.1.3"},
+     "neither PRIMARY_ADDR nor MASTER_ADDR is set"),
+    ({"NODE_RANK": "1", "NUM_NODES": "2", "MASTER_ADDR": "169.254.1.2"}, "NODE_ADDR"),
+    ({"NUM_NODES": "0"}, "NUM_NODES=0 must be at least 1"),
+    ({"MOOLA_HEAD_WAIT_S": "soon"}, "head_wait_s=soon"),
+])
+def test_bad_environment_fails_fast_with_one_clear_line(variables, message):
+    proc = bootstrap(clean_env(RAY_AUTH_TOKEN=TOKEN, **variables), "moola-pipeline", "--help")
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if ": error: " in l]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert TOKEN not in proc.stderr + proc.stdout
+    assert "ray" not in proc.stdout.lower()  # nothing was started
+
+
+def test_missing_ray_token_is_refused():
+    proc = bootstrap(clean_env(), "moola-pipeline", "--help")
+    assert proc.returncode != 0
+    assert "RAY_AUTH_TOKEN is not set" in proc.stderr
+
+
+CHECK_COMMAND = r"""
+import os, sys, ray
+ray.init(address=os.environ["RAY_ADDRESS"])
+print("RESOURCES", ray.cluster_resources().get("CPU"))
+print("NCCL", os.environ.get("NCCL_SOCKET_IFNAME"), "GLOO", os.environ.get("GLOO_SOCKET_IFNAME"))
+print("AUTH", os.environ.get("RAY_AUTH_MODE"))
+sys.exit(7)
+"""
+
+
+@pytest.mark.netns
+def test_single_pod_runs_head_then_command_and_passes_its_status_on(netns_nodes, tmp_path):
+    net = netns_nodes(1)
+    node = net.nodes[0]
+    temp = f"/tmp/{net.prefix}-0"
+    env = clean_env(RAY_AUTH_TOKEN=TOKEN, MOOLA_RAY_NUM_CPUS="1", MOOLA_RAY_TEMP_DIR=temp,
+                    MOOLA_RAY_START_ARGS="--object-store-memory 100000000",
+                    MOOLA_MIN_SHM_MB=str(10**9), PYTHONUNBUFFERED="1")
+    try:
+        proc = net.run(node, [BOOTSTRAP, sys.executable, "-c", CHECK_COMMAND], env=env, timeout=150)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 7, out[-4000:]  # the command's own status
+        assert "RESOURCES 1.0" in proc.stdout  # it reached this pod's Ray head via RAY_ADDRESS
+        assert "AUTH token" in proc.stdout
+        # A single pod has no ens1: collectives are left to pick their interface.
+        assert "NCCL None GLOO None" in proc.stdout
+        assert "warning: /dev/shm is" in proc.stderr and "--shm-size" in proc.stderr
+        assert "command exited with status 7" in proc.stderr
+        assert TOKEN not in out
+        # The head went down with the command (Ray's dashboard helpers follow within seconds).
+        deadline = time.monotonic() + 20
+        while net.pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert net.pids() == []
+    finally:
+        net.stop_all()
+        shutil.rmtree(temp, ignore_errors=True)
