@@ -172,6 +172,12 @@ def test_every_problem_of_a_file_at_once(tmp_path):
             "duplicate timestamp (same as the previous row): row 30")
 
 
+def test_labels_file_with_a_header_only(tmp_path):
+    bars, labels = bars_columns(2)
+    refused(ingest_bars(tmp_path, bars, {k: [] for k in labels}), "labels.csv",
+            "no labeled windows")
+
+
 def test_truncated_parquet(tmp_path):
     src = write_moola(tmp_path / "moola.parquet", moola_rows(3))
     data = (tmp_path / "moola.parquet").read_bytes()

@@ -198,3 +198,13 @@ def test_synth_and_ingest_read_and_write_s3(tmp_path, s3_bucket, monkeypatch):
     b = schema.read_dataset(f"{s3_bucket.uri}/ingested")
     assert a.windows.equals(b.windows) and len(a) == 8
     assert len(schema.read_dataset(f"{s3_bucket.uri}/moola")) == 3
+
+
+def test_replacing_a_data_set_leaves_no_stale_bar_series(tmp_path):
+    out = tmp_path / "w"
+    assert run_cli("data", "synth", "--out", out, "--windows", "3").returncode == 0
+    src = write_moola(tmp_path / "m.parquet", moola_rows(2))
+    proc = run_cli("data", "ingest", "--format", "moola", "--in", src, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["windows.parquet"]
+    assert len(schema.read_dataset(str(out))) == 2

@@ -86,7 +86,7 @@ def read_table(uri: str) -> pa.Table:
     if uri.lower().endswith(".gz"):
         import gzip
         data = gzip.decompress(data)
-    header = next(csv.reader(io.StringIO(data[:65536].decode("utf-8", "replace"))), [])
+    header = next(csv.reader(io.StringIO(data[:65536].decode("utf-8-sig", "replace"))), [])
     if not header:
         raise UserError(f"{uri}: empty file, expected a header line")
     try:
@@ -224,6 +224,8 @@ def ingest_bars(bars_uri: str, labels_uri: str | None = None,
     table = read_table(labels_uri)
     schema.require_columns(table.column_names, LABELS_COLUMNS, labels_uri, LABELS_OPTIONAL)
     problems = Problems(labels_uri)
+    if table.num_rows == 0:
+        problems.note("no labeled windows (a header line only)")
     ids = table.column("window_id").cast(pa.string()).to_pylist()
     schema.check_unique_ids(ids, problems)
     starts = _label_starts(table.column("start"), ts, problems)
@@ -298,6 +300,8 @@ def ingest_moola(uri: str) -> Ingested:
     schema.require_columns(table.column_names, MOOLA_COLUMNS, uri, MOOLA_OPTIONAL)
     problems = Problems(uri)
     n = table.num_rows
+    if n == 0:
+        problems.note("no windows in the file")
     ids = table.column("window_id").cast(pa.string()).to_pylist()
     schema.check_unique_ids(ids, problems)
     ohlc, shaped = _moola_ohlc(table.column("features"), problems)

@@ -367,12 +367,14 @@ def write_dataset(out: str, ws: WindowSet, *, source: dict, seed: int | None = N
     meta = {"version": SCHEMA_VERSION, "source": source, "seed": seed}
     windows = ws.windows.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     storage.check_bucket(out)
-    bars_uri = storage.join(out, BARS_FILE)
+    windows_uri, bars_uri = storage.join(out, WINDOWS_FILE), storage.join(out, BARS_FILE)
+    if storage.exists(windows_uri):  # replacing a data set: it is incomplete until the new
+        storage.remove(windows_uri)  # windows.parquet lands, never old windows on new bars
     if ws.bars is not None:
         _write_parquet(bars_uri, ws.bars.cast(BARS_SCHEMA))
     elif storage.exists(bars_uri):  # a stale bar series from an older data set in the same place
         storage.remove(bars_uri)
-    _write_parquet(storage.join(out, WINDOWS_FILE), windows)
+    _write_parquet(windows_uri, windows)
 
 
 def read_parquet(uri: str) -> pa.Table:
