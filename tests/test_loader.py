@@ -4,6 +4,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from pipeline.data.loader import ShardLoader
@@ -156,3 +158,29 @@ def test_reader_holds_about_one_block_of_row_groups(shard_dir, monkeypatch):
     assert sum(len(b["index"]) for b in loader) == N_TRAIN
     assert sorted(reads) == list(range(16))  # each row group read exactly once per epoch
     assert max(peak) <= 2 * 2
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 120), world=st.integers(1, 4), batch=st.integers(1, 20),
+       rg_rows=st.integers(1, 16), block=st.integers(1, 4), seed=st.integers(0, 3),
+       drop_last=st.booleans())
+def test_partition_property(tmp_path_factory, n, world, batch, rg_rows, block, seed, drop_last):
+    """Any split size, world, batch and row-group layout: equal batch counts per rank, every
+    sample once plus at most world-1 padding repeats (drop_last only drops a rank's tail)."""
+    out = str(tmp_path_factory.mktemp("p"))
+    write_shard_set(out, ["a"], random_chunks(n, 1, "train", chunk_rows=7), rows_per_shard=2 * rg_rows + 1,
+                    row_group_rows=rg_rows)
+    loaders = [ShardLoader(out, "train", rank=r, world_size=world, batch_size=batch, seed=seed,
+                           shuffle_row_groups=block, drop_last=drop_last) for r in range(world)]
+    per_rank = [epoch_indices(loader) for loader in loaders]
+    assert {len(b) for b in per_rank} == {len(loaders[0])}
+    assert all(len(x) <= batch for b in per_rank for x in b)
+    seen = np.concatenate([x for b in per_rank for x in b] or [np.zeros(0, np.int64)])
+    pad = (-n) % world
+    if drop_last:
+        assert len(seen) == world * (((n + pad) // world) // batch) * batch
+        assert np.bincount(seen, minlength=n).max() <= 1 + pad
+    else:
+        assert len(seen) == n + pad
+        counts = np.bincount(seen, minlength=n)
+        assert counts.min() >= 1 and counts.sum() - n == pad  # every sample, plus the padding

@@ -27,6 +27,7 @@ No Ray here.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
@@ -40,6 +41,10 @@ from pipeline.errors import UserError
 
 COLUMNS = ["index", "features", "valid", "label", "expansion_start", "expansion_end"]
 DEFAULT_SHUFFLE_ROW_GROUPS = 8
+# An open ParquetFile keeps its last row group's buffers (~20 MB at F=12), so keeping every
+# shard open would make memory grow with the number of shards; a few stay open, the rest are
+# closed and reopened (a footer read) when the shuffle comes back to them.
+MAX_OPEN_SHARDS = 2
 
 
 class ShardLoader:
@@ -71,7 +76,7 @@ class ShardLoader:
         self.samples_per_rank = (self.num_samples + self.pad) // world_size
         self.epoch = 0
         self.batches_consumed = 0
-        self._files: dict[int, pq.ParquetFile] = {}
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
 
     # ---- contract -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -115,7 +120,9 @@ class ShardLoader:
                                       for g in groups])
                 blocks.append(idx[rng.permutation(len(idx))])
             order = np.concatenate(blocks)
-        return np.concatenate([order, order[:self.pad]]) if self.pad else order
+        # np.resize repeats the order cyclically: the first `pad` entries, even when the split
+        # is smaller than the pad (a 1-sample val split on 3 ranks)
+        return np.resize(order, self.num_samples + self.pad)
 
     def rank_order(self, epoch: int | None = None) -> np.ndarray:
         """This rank's contiguous part of the epoch order."""
@@ -166,13 +173,21 @@ class ShardLoader:
         tensors["valid"] = torch.from_numpy(out["valid"].view(np.bool_))
         return tensors
 
+    def _shard_file(self, shard_no: int, uri: str) -> pq.ParquetFile:
+        if shard_no in self._files:
+            self._files.move_to_end(shard_no)
+        else:
+            self._files[shard_no] = pq.ParquetFile(storage.open_input(uri))
+            while len(self._files) > MAX_OPEN_SHARDS:
+                self._files.popitem(last=False)[1].close()
+        return self._files[shard_no]
+
     def _read_row_group(self, g: int) -> dict[str, np.ndarray]:
         shard_no = int(self._rg_shard[g])
         uri = shard_uri(self.uri, self.shards[shard_no])
         try:
-            if shard_no not in self._files:
-                self._files[shard_no] = pq.ParquetFile(storage.open_input(uri))
-            table = self._files[shard_no].read_row_group(int(self._rg_local[g]), columns=self.columns)
+            table = self._shard_file(shard_no, uri).read_row_group(int(self._rg_local[g]),
+                                                                   columns=self.columns)
         except UserError:
             raise
         except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid (a ValueError), IOError
