@@ -97,3 +97,15 @@ def test_probe_under_ddp_is_exact_identical_on_ranks_and_does_not_disturb_backwa
         assert got["grad_ratio_countdown_pointer"] == pytest.approx(want["grad_ratio_countdown_pointer"], rel=1e-6)
         assert_close_rel(ranks[r]["grads"], grads(ref), rel=1e-6)
     assert ranks[0]["report"] == ranks[1]["report"]
+
+
+def test_frozen_encoder_neither_starves_nor_breaks_the_probe():
+    mt = build("equal")
+    for p in mt.model.shared_parameters():
+        p.requires_grad_(False)
+    _, losses, _ = mt(global_batch("some"))
+    probe = GradientProbe(every=1, starve_checks=1)
+    rep = probe.step(mt, losses)
+    assert rep["grad_norm"] == {t: 0.0 for t in mt.tasks}
+    assert rep["grad_norm_head"]["countdown"] > 0
+    assert rep["starving"] == []

@@ -157,3 +157,12 @@ def test_registry_errors_name_the_setting():
         build_weighting("uncertainty", TASKS, {"clamp": [3, 1]})
     with pytest.raises(UserError, match="init"):
         build_weighting("uncertainty", TASKS, {"init": {"stones": 0.0}})
+
+
+def test_param_groups_give_log_variances_their_own_rate_and_no_decay():
+    mt = MultiTaskModel.build()
+    groups = mt.param_groups(lr=1e-3, weight_decay=0.01, weighting_lr=0.05)
+    assert [len(g["params"]) for g in groups] == [len(list(mt.model.parameters())), 4]
+    assert groups[1]["lr"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    torch.optim.AdamW(groups)  # a valid optimizer spec: every parameter exactly once
+    assert len(MultiTaskModel.build(loss_cfg=LossConfig(weighting="equal")).param_groups(1e-3)) == 1

@@ -65,11 +65,15 @@ class GradientProbe:
         for task in tasks:
             head = [p for p in model.head_parameters(task) if p.requires_grad]
             params = shared + head
-            grads = torch.autograd.grad(terms[task], params, retain_graph=True, allow_unused=True)
+            if params and terms[task].requires_grad:
+                grads = torch.autograd.grad(terms[task], params, retain_graph=True,
+                                            allow_unused=True)
+            else:  # everything frozen, or a term that does not depend on the model
+                grads = [None] * len(params)
             flat = [torch.zeros_like(p).flatten() if g is None else g.flatten()
                     for p, g in zip(params, grads)]
             n_shared = sum(p.numel() for p in shared)
-            vec = torch.cat(flat) if flat else torch.zeros(0)
+            vec = torch.cat(flat) if flat else torch.zeros(0, device=terms[task].device)
             vectors.append((vec[:n_shared], vec[n_shared:]))
         shared_mat = torch.stack([v[0] for v in vectors]).detach()  # [T, n_shared]
         head_vecs = [v[1].detach() for v in vectors]
@@ -85,8 +89,11 @@ class GradientProbe:
         head_norms = {t: float(head_vecs[i].norm()) for i, t in enumerate(tasks)}
         total = sum(norms.values())
         shares = {t: (n / total if total > 0 else 0.0) for t, n in norms.items()}
-        for t in tasks:
-            self.below[t] = self.below.get(t, 0) + 1 if shares[t] < self.starve_share else 0
+        # No shared gradient at all (frozen encoder, a batch with no labels) says nothing
+        # about balance: it neither counts toward nor clears a starving streak.
+        if total > 0:
+            for t in tasks:
+                self.below[t] = self.below.get(t, 0) + 1 if shares[t] < self.starve_share else 0
         ratio = None
         if "countdown" in norms and "pointer" in norms:
             ratio = norms["countdown"] / norms["pointer"] if norms["pointer"] > 0 else float("inf")

@@ -34,6 +34,21 @@ class MultiTaskModel(nn.Module):
     def tasks(self) -> tuple[str, ...]:
         return self.model.tasks
 
+    def param_groups(self, lr: float, weight_decay: float = 0.01,
+                     weighting_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: the model, and the weighting's log-variances with no weight
+        decay (decay would pull s toward 0, i.e. toward weight 1/2) and optionally their own
+        learning rate. Adam moves each s by about lr per step, so at lr 1e-3 the log-variances
+        barely leave their init in a short run (bench/balance.py: 5 epochs of 5 steps move s
+        by 0.025, while a rate of 0.05 lets it approach its equilibrium log L)."""
+        weighting = [p for p in self.weighting.parameters() if p.requires_grad]
+        ids = {id(p) for p in weighting}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids],
+                   "lr": lr, "weight_decay": weight_decay}]
+        if weighting:
+            groups.append({"params": weighting, "lr": weighting_lr or lr, "weight_decay": 0.0})
+        return groups
+
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         outputs = self.model(batch["features"])
         losses = task_losses(outputs, batch, self.loss_cfg)
