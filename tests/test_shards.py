@@ -151,3 +151,43 @@ def test_a_failed_write_publishes_nothing(tmp_path):
                     row_group_rows=8)
     assert sorted(os.listdir(out)) == ["manifest.json", "train-00000.parquet", "train-00001.parquet"]
     assert load_manifest(out)["splits"] == {"train": 50} != first["splits"]
+
+
+def test_validate_reports_every_problem_of_every_shard_at_once(tmp_path):
+    """NaN features, out-of-range labels and a group in two splits: all named in one error."""
+    def chunks():
+        for split, cols in random_chunks(20, 3, "train", seed=1):
+            cols["features"][3, 5, 1] = np.nan
+            cols["features"][7, 0, 0] = np.inf
+            cols["label"][4] = 5
+            cols["expansion_start"][6], cols["expansion_end"][6] = 50, 40
+            yield split, cols
+        for split, cols in random_chunks(10, 3, "val", seed=2):
+            cols["window_id"] = [f"v{i}" for i in range(10)]
+            cols["group_id"][0] = "g0"  # train's first group
+            yield split, cols
+
+    out = str(tmp_path / "s")
+    write_shard_set(out, ["a", "b", "c"], chunks(), rows_per_shard=8, row_group_rows=4)
+    proc = run_cli("data", "validate", out)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    for needle in ("train-00000.parquet row group 0: 1 row (index 3) with NaN/inf features",
+                   "train-00000.parquet row group 1: 1 row (index 7) with NaN/inf features",
+                   "train-00000.parquet row group 1: 1 row (index 4) with label other than",
+                   "train-00000.parquet row group 1: 1 row (index 6) with expansion_start > expansion_end",
+                   "split 'train' has 2 NaN/inf feature values"):
+        assert needle in proc.stderr, (needle, proc.stderr)
+
+    # the same set without the row problems: only the leak remains, and it is named
+    def leaky():
+        yield from random_chunks(20, 3, "train", seed=1)
+        for split, cols in random_chunks(10, 3, "val", seed=2):
+            cols["window_id"] = [f"v{i}" for i in range(10)]
+            cols["group_id"] = ["g0"] + [f"val-group-{i}" for i in range(1, 10)]
+            yield split, cols
+
+    write_shard_set(out, ["a", "b", "c"], leaky(), rows_per_shard=8, row_group_rows=4)
+    proc = run_cli("data", "validate", out)
+    assert proc.returncode != 0 and "leakage between splits" in proc.stderr
+    assert "'g0'" in proc.stderr and "is in more than one split" in proc.stderr
+    assert "'g1'" not in proc.stderr

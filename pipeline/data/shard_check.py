@@ -169,7 +169,8 @@ def _schema_problems(s_uri, pf, expected: pa.Schema, shard: dict) -> list[str]:
 def _rows(mask: np.ndarray, first: int) -> str:
     rows = (np.flatnonzero(mask) + first).tolist()
     more = f" ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
-    return f"{len(rows)} rows (index {', '.join(map(str, rows[:MAX_LISTED]))}{more})"
+    noun = "row" if len(rows) == 1 else "rows"
+    return f"{len(rows)} {noun} (index {', '.join(map(str, rows[:MAX_LISTED]))}{more})"
 
 
 def _row_problems(s_uri, rg, a, split, first_index) -> list[str]:
