@@ -4,7 +4,7 @@ Plain PyTorch; Ray appears only at the edges (get_context, prepare_model, get_ch
 report). The same function runs in Ray Train local mode (`--workers 0`, in the driver process,
 no process group) and as W worker actors with DDP.
 
-Order of one epoch: train on this rank's share of the global batch (the reducer makes the
+Order of one epoch: train on this rank's slice of each global batch (the reducer makes the
 per-element mean exact over ranks), evaluate the val split on all ranks, all-reduce the
 metrics, rank 0 appends one record to metrics.jsonl, then every rank reports its part of the
 checkpoint (ray.train.report is a barrier: every rank calls it the same number of times).
@@ -32,18 +32,7 @@ from pipeline.data.manifest import load_manifest
 from pipeline.model import JadeCompact, JadeConfig
 from pipeline.reducer import GradientProbe, LossConfig, MultiTaskModel, build_weighting
 from pipeline.train import checkpoint as ckpt
-try:
-    from pipeline.train.metrics import TaskMetrics
-except ImportError:  # TEMPORARY until pipeline.train.metrics lands
-    class TaskMetrics:
-        def __init__(self, tasks, device=None):
-            pass
-
-        def update(self, outputs, batch):
-            pass
-
-        def compute(self):
-            return {}
+from pipeline.train.metrics import TaskMetrics
 from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
 
 # Stand-in score for mid-epoch checkpoints (no val metric yet): ranked below every epoch end.
@@ -59,14 +48,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t, seed = cfg.train, cfg.train.seed
     write_worker_marker(cfg.out, rank, world)
 
-    # Data: this rank's share of the global batch; every rank yields the same number of batches.
+    # Data: every rank walks the same sequence of *global* batches and keeps its slice of each,
+    # so a global batch holds the same samples whatever the world size: 1 and W workers take
+    # the same optimisation steps (the reducer makes the per-element mean exact), the loader
+    # state does not depend on W, and no sample is padded in. The price is that each rank
+    # decodes every batch (cheap next to the LSTM; revisit for very large, I/O-bound data).
     manifest = load_manifest(cfg.data, verify=True)  # every shard's sha256, once per worker
     manifest_hash = _manifest_hash(manifest)
-    local_batch = t.batch_size // world
-    train_loader = ShardLoader(cfg.data, "train", rank=rank, world_size=world,
-                               batch_size=local_batch, seed=seed, verify=False)
-    val_loader = ShardLoader(cfg.data, "val", rank=rank, world_size=world, batch_size=local_batch,
-                             seed=seed, shuffle=False, with_ohlc=True, verify=False)
+    train_loader = ShardLoader(cfg.data, "train", batch_size=t.batch_size, seed=seed,
+                               verify=False)
+    val_loader = ShardLoader(cfg.data, "val", batch_size=t.batch_size, seed=seed,
+                             shuffle=False, with_ohlc=True, verify=False)
     steps_per_epoch = len(train_loader)
 
     # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts
@@ -148,7 +140,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sums, batches, samples = partial[:n].clone(), int(partial[n]), int(partial[n + 1])
         partial = None
         for batch in train_loader:  # resumes mid-epoch: the loader skips consumed batches
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = rank_slice(batch, rank, world, device)
             total, losses, _ = model(batch)
             probe.step(model, losses)
             optimizer.zero_grad(set_to_none=True)
@@ -171,13 +163,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # ---- evaluate the val split on every rank -------------------------------------
         model.eval()
-        metrics = TaskMetrics(model_cfg.tasks, device=device)
+        metrics = TaskMetrics(model_cfg.tasks, num_classes=model_cfg.num_classes,
+                              countdown_scale=loss_cfg.countdown_scale, device=device)
         val_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64)
         val_batches = 0
         preds: list[dict] = []
         with torch.no_grad():
             for batch in val_loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = rank_slice(batch, rank, world, device)
                 _, losses, outputs = model(batch)
                 metrics.update(outputs, batch)
                 val_sums += torch.stack([losses[k].double().cpu() for k in model_cfg.tasks])
@@ -195,7 +188,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       for i, k in enumerate(model_cfg.tasks)}
         val_loss = {k: float(sums[n_tasks + i] / world / max(g_val_batches, 1))
                     for i, k in enumerate(model_cfg.tasks)}
-        task_metrics = metrics.compute()  # all-reduces its sufficient statistics once
+        stats = metrics.state()  # sums and counts: their all-reduce is exact over ranks
+        _all_reduce(stats)
+        task_metrics = metrics.compute(stats)
         epoch += 1
         train_loader.set_epoch(epoch)
 
@@ -243,6 +238,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+def rank_slice(batch: dict, rank: int, world: int, device) -> dict:
+    """This rank's contiguous part of a global batch (sizes differ by at most one; a rank may
+    get none of a last batch smaller than W, and still takes part in every collective)."""
+    n = batch["label"].shape[0]
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    return {k: v[lo:hi].to(device) for k, v in batch.items()}
+
 
 def _config(loop_config: dict) -> TrainConfig:
     from pipeline.config import load_config
@@ -347,7 +350,7 @@ def _predictions(outputs: dict, batch: dict) -> dict:
 def _merge_predictions(per_rank: list[list[dict]], epoch: int) -> dict:
     batches = [b for rank_batches in per_rank for b in rank_batches]
     arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    # The loader pads the split with up to W-1 repeats; keep each window once, in index order.
+    # Each val window is on exactly one rank; put them in index order.
     _, first = np.unique(arrays["index"], return_index=True)
     arrays = {k: v[first] for k, v in arrays.items()}
     arrays["span_prob"] = arrays.get("span_prob", np.zeros(0, np.float32)).astype(np.float32)

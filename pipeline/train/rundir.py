@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import re
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ METRICS = "metrics.jsonl"
 MANIFEST = "manifest.json"
 PREDICTIONS = "best_val_predictions.npz"
 REPORT = "report.html"
+CHECKPOINT_NAME = re.compile(r"^checkpoint_e\d{4}_s\d{8}$")  # checkpoint.checkpoint_name()
 
 
 def read_metrics(out: str) -> list[dict]:
@@ -76,4 +78,4 @@ def checkpoint_dirs(out: str) -> list[str]:
     """checkpoint_* directory names under OUT, oldest first."""
     if not storage.exists(out):
         return []
-    return sorted(n for n in storage.listdir(out) if n.startswith("checkpoint_"))
+    return sorted(n for n in storage.listdir(out) if CHECKPOINT_NAME.match(n))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -113,12 +112,27 @@ def init_ray(cfg: TrainConfig) -> None:
                  object_store_memory=256 * 1024 * 1024, configure_logging=False,
                  logging_level="WARNING")
         return
+    if c.address != "auto":
+        _probe_gcs(c.address)  # ray.init retries an unreachable address for minutes
     try:  # the token, when the cluster wants one, comes from RAY_AUTH_TOKEN in the environment
         ray.init(address=c.address, log_to_driver=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--address {c.address}: cannot join the Ray cluster ({first}); check "
                         "the address and, with token auth, RAY_AUTH_TOKEN") from None
+
+
+def _probe_gcs(address: str, timeout_s: float = 5.0) -> None:
+    import socket
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--address {address}: expected auto or HOST:PORT (the head's GCS port, "
+                        "6379 by default)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: cannot reach the Ray head ({exc.strerror or exc}); "
+                        "is the cluster up and the port open?") from None
 
 
 def check_storage_for_cluster(cfg: TrainConfig) -> None:
@@ -269,23 +283,14 @@ def summarize(cfg: TrainConfig) -> RunSummary:
 
 
 class PlainProgress:
-    """One line per finished epoch (stderr not a TTY); `update(seen) -> seen` polls OUT."""
+    """Not a TTY: rank 0's EpochSink already prints one summary line per epoch (with alarms),
+    so the driver adds nothing; `update(seen) -> seen` is the interface RichProgress fills."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
     def update(self, seen: int) -> int:
-        records = rundir.read_metrics(self.cfg.out)
-        for r in records[seen:]:
-            print(epoch_line(r, self.cfg.train.epochs), file=sys.stderr, flush=True)
-        return max(seen, len(records))
-
-
-def epoch_line(r: dict, epochs: int) -> str:
-    val = " ".join(f"{k}={v:.4f}" for k, v in (r.get("val") or {}).items())
-    sps = r.get("samples_per_s")
-    return (f"epoch {r['epoch'] + 1}/{epochs} step {r['step']} val_loss={r['val_loss']:.4f} "
-            f"[{val}] {sps:.0f} samples/s" if sps else f"epoch {r['epoch'] + 1}/{epochs}")
+        return seen
 
 
 class RichProgress(PlainProgress):
@@ -301,9 +306,7 @@ class RichProgress(PlainProgress):
         if records:
             r = records[-1]
             self.bar.update(self.task, completed=len(records),
-                            description=f"val_loss {r['val_loss']:.4f}")
-            for r in records[seen:]:
-                self.bar.console.print(epoch_line(r, self.cfg.train.epochs))
+                            description=f"epoch {r['epoch'] + 1} val_loss {r['val_loss']:.4f}")
         return max(seen, len(records))
 
 
