@@ -12,13 +12,18 @@ Order: a block shuffle. Each epoch permutes the split's row groups (across all s
 permuted list into blocks of `shuffle_row_groups` row groups, and permutes the samples within
 each block; the epoch order is the concatenation of the blocks. Rank r then takes the r-th
 contiguous 1/W of that order, so it reads only the row groups of its own blocks, and at any time
-holds about one block of decoded row groups (K x 4096 rows x 105 x F x 4 bytes: ~165 MB for
-K=8, F=12), whatever the size of the split.
+holds one block of decoded row groups (K x 4096 rows x 105 x F x 4 bytes: ~165 MB for K=8,
+F=12; two blocks for the one batch that straddles a block boundary), whatever the size of the
+split (bench/loader.py: ~700 MB peak RSS, torch included, for 100k and for 1M windows).
 Shuffle quality trade-off: a batch mixes samples from K random row groups rather than from the
 whole split. Shards are written in time order, so rows inside one row group are neighbours in
 time; with K=8 a batch draws from 8 random stretches of the split, and which stretches meet
 changes every epoch. Raise `shuffle_row_groups` for a better mix at the cost of memory
-(K = number of row groups is a full uniform shuffle).
+(K = number of row groups is a full uniform shuffle). Inside a batch the rows come grouped by
+row group (which samples form a batch is fixed by the order above; their order inside the batch
+does not matter to a mean loss, and grouping makes each column one np.take per row group).
+Iterating an epoch that was already finished replays it; `set_epoch(e)` with a new `e` starts
+that epoch from its first batch, and with the current epoch keeps a resumed position.
 
 Batches: dict of torch tensors built from `np.frombuffer` views of the fixed_size_binary column
 buffers and one numpy gather per (batch, row group): no per-sample Python work.
