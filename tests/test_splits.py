@@ -39,6 +39,16 @@ def test_overlapping_windows_are_embargoed_and_counted_never_shared():
     assert splits.check_leakage(naive, np.arange(100), bar_index=starts).shared_bar_pairs == 2
 
 
+def test_time_split_keeps_far_apart_copies_of_one_annotation_out_of_two_splits():
+    starts = np.arange(20) * 200
+    groups = np.array([f"g{i}" for i in range(20)], dtype=object)
+    groups[19] = "g2"                                  # a copy of window 2, far away in time
+    split, report = splits.assign_splits(None, groups, bar_index=starts)
+    assert split[2] == splits.EMBARGO and split[19] == "val"
+    assert report.counts == {"train": 15, "val": 4, "test": 0, "embargo": 1}
+    assert splits.check_leakage(split, groups, bar_index=starts).ok
+
+
 def test_a_wider_embargo_keeps_a_gap_of_free_bars():
     starts = np.arange(40) * 150
     split, report = splits.assign_splits(None, np.arange(40), embargo_bars=400, bar_index=starts)
@@ -102,12 +112,13 @@ def test_refuses_bad_fractions_policies_and_short_embargo():
 
 @settings(max_examples=60, deadline=None)
 @given(gaps=st.lists(st.integers(0, 300), min_size=2, max_size=60),
-       val=st.floats(0.05, 0.5), test=st.floats(0.0, 0.3), seed=st.integers(0, 5))
-def test_time_split_never_shares_a_bar(gaps, val, test, seed):
+       val=st.floats(0.05, 0.5), test=st.floats(0.0, 0.3), seed=st.integers(0, 5),
+       n_groups=st.integers(1, 80))
+def test_time_split_never_shares_a_bar_or_a_group(gaps, val, test, seed, n_groups):
     starts = np.cumsum(gaps)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(starts))                  # rows in any order
-    ids = [f"w{i}" for i in range(len(starts))]
+    ids = [f"g{g}" for g in rng.integers(0, n_groups, size=len(starts))]   # some shared groups
     split, report = splits.assign_splits(None, ids, val_fraction=val, test_fraction=test,
                                          bar_index=starts[order])
     assert splits.check_leakage(split, ids, bar_index=starts[order]).ok

@@ -14,6 +14,9 @@ random split because they share half their bars):
   the earlier block, so the last block keeps its exact size (val without a test block; train
   shrinks first, val too at a val/test boundary). Windows that
   do not overlap (synth spaces its windows apart) lose nothing: 50 windows give exactly 40/10.
+  A window whose group_id also appears in a later split is embargoed too (copies of one
+  annotation can lie further apart than a window), so no group straddles under time either.
+  Positions from `t0` alone count 1-minute bars (moola's NQ data); a bar series gives exact rows.
 - group: whole groups (`group_id`) go to one split, chosen by a seeded shuffle of the groups;
   no group straddles two splits.
 
@@ -127,8 +130,8 @@ def assign_splits(t0, group_id, policy: str = "auto", val_fraction: float = 0.2,
     return split, report
 
 
-def _time_split(pos: np.ndarray, ids: np.ndarray, sizes, embargo_bars: int) -> np.ndarray:
-    order = np.lexsort((ids, pos))               # by first bar, ties by window_id: deterministic
+def _time_split(pos: np.ndarray, groups: np.ndarray, sizes, embargo_bars: int) -> np.ndarray:
+    order = np.lexsort((groups, pos))            # by first bar, ties by group_id: deterministic
     names = np.repeat(np.array(SPLITS, dtype=object), sizes)
     split = np.empty(len(pos), dtype=object)
     split[order] = names
@@ -147,6 +150,11 @@ def _time_split(pos: np.ndarray, ids: np.ndarray, sizes, embargo_bars: int) -> n
         block = np.flatnonzero(names == names[edge - 1])
         too_close = block[sorted_pos[block] > first_later - embargo_bars]
         split[order[too_close]] = EMBARGO
+    # Copies of one annotation (one group_id) may lie further apart than a window: a window whose
+    # group also appears in a later split leaves its own split too, so no group straddles.
+    for i, name in enumerate(SPLITS[:-1]):
+        later_groups = groups[np.isin(split.astype(str), SPLITS[i + 1:])]
+        split[(split == name) & np.isin(groups, later_groups)] = EMBARGO
     return split
 
 
