@@ -57,7 +57,7 @@ class SplitReport:
         text = f"split by {self.policy} ({self.key}): " + ", ".join(parts)
         if self.embargoed:
             text += (f" ({self.embargoed} window{'s' if self.embargoed > 1 else ''} excluded: "
-                     f"within {self.embargo_bars} bars of the next split)")
+                     f"within {self.embargo_bars} bars of, or in a group with, a later split)")
         return text
 
 
