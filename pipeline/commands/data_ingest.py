@@ -34,11 +34,12 @@ def _summary(ws, out: str, extra: str = "") -> None:
 
 
 @click.command()
-@click.option("--out", "out", required=True, help="Data set directory (local path or s3://bucket/prefix).")
+@click.option("--out", "out", required=True, metavar="URI", help="Data set directory (local path or s3://bucket/prefix).")
 @click.option("--windows", "n_windows", type=click.IntRange(min=1), default=50, show_default=True,
+              metavar="N",
               help="Number of labeled windows.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same data).")
-@click.option("--bars-out", default=None,
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Random seed (same seed, same data).")
+@click.option("--bars-out", default=None, metavar="FILE",
               help="Also write the bar series to this .csv or .parquet file, and labels.csv beside it "
                    "(input for `data ingest --format bars`).")
 def synth(out: str, n_windows: int, seed: int, bars_out: str | None) -> None:
@@ -108,11 +109,11 @@ def _write_csv(uri: str, columns: dict[str, list]) -> None:
 @click.command()
 @click.option("--format", "fmt", type=click.Choice(["moola", "bars"]), required=True,
               help="moola: moola's labeled Parquet; bars: a bar series CSV/Parquet (+ --labels).")
-@click.option("--in", "in_uri", required=True, help="Input file (local path or s3://).")
-@click.option("--out", "out", required=True, help="Data set directory (local path or s3://bucket/prefix).")
-@click.option("--labels", "labels_uri", default=None,
+@click.option("--in", "in_uri", required=True, metavar="FILE", help="Input file (local path or s3://).")
+@click.option("--out", "out", required=True, metavar="URI", help="Data set directory (local path or s3://bucket/prefix).")
+@click.option("--labels", "labels_uri", default=None, metavar="CSV",
               help="bars only: labels CSV (window_id, start, label, expansion_start, expansion_end).")
-@click.option("--stride", type=int, default=None,
+@click.option("--stride", type=int, default=None, metavar="N",
               help="bars only, without --labels: bars between unlabeled windows [default: 52].")
 def ingest(fmt: str, in_uri: str, out: str, labels_uri: str | None, stride: int | None) -> None:
     """Turn real data into a canonical windows data set (every problem reported, nothing dropped)."""
