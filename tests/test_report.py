@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from PIL import Image, ImageStat
 from tests.fixtures.cli import assert_user_error, run_cli
 
 RECORDED = Path(__file__).parent / "data" / "recorded_run"
+sys.path.insert(0, str(RECORDED.parent))
+from make_recorded_run import make_run  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
@@ -39,10 +42,11 @@ def copy_run(tmp_path, name="run") -> Path:
 
 
 def make_starving(tmp_path, name="starving") -> Path:
-    import sys
-    sys.path.insert(0, str(RECORDED.parent))
-    from make_recorded_run import make_run
     return Path(make_run(str(tmp_path / name), starving=True))
+
+
+def make_healthy(tmp_path, name="healthy") -> Path:
+    return Path(make_run(str(tmp_path / name)))
 
 
 def chromium(tmp_path, *args, timeout=60) -> subprocess.CompletedProcess:
@@ -90,7 +94,8 @@ def test_report_of_recorded_run_has_every_section_and_renders(tmp_path):
     page = run / "report.html"
     assert proc.stdout.strip() == str(page)
     text = page.read_text()
-    for section in ("No balance alarms", "Summary per task", "Task metrics", "Losses",
+    assert "alarms" in text[:text.index("Summary per task")]  # the alarm box comes first
+    for section in ("Summary per task", "Task metrics", "Losses",
                     "Task weights and log-variances", "Gradients on the shared encoder",
                     "Best-epoch predictions", "Throughput", "Resolved config", "relativity12"):
         assert section in text, section
@@ -110,6 +115,9 @@ def test_alarms_are_at_the_top_of_a_starving_runs_report(tmp_path):
     alarms_at = text.index("Balance alarms")
     assert alarms_at < text.index("Summary per task") < text.index("<img")
     assert "countdown is starving" in text and "plateau" in text
+    from pipeline.report.html import write_report  # in-process: one CLI start less
+    text = Path(write_report(str(make_healthy(tmp_path)))).read_text()
+    assert "No balance alarms" in text and 'class="alarms"' not in text
 
 
 def test_report_says_what_is_missing(tmp_path):
@@ -153,14 +161,15 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path):
     empty.mkdir()
     assert_user_error(run_cli("report", empty), "no metrics.jsonl")
     run = copy_run(tmp_path)
+    bad_line = len((run / "metrics.jsonl").read_text().splitlines()) + 1
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 12, "train": \n')
+        f.write('{"epoch": 99, "train": \n')
     proc = run_cli("report", run)
-    assert_user_error(proc, "metrics.jsonl line 13", "not valid JSON")
+    assert_user_error(proc, f"metrics.jsonl line {bad_line}", "not valid JSON")
     assert not (run / "report.html").exists()
     good = copy_run(tmp_path, "good")
     proc = run_cli("compare", good, run, "--out", tmp_path / "c.html")
-    assert_user_error(proc, "line 13")
+    assert_user_error(proc, f"line {bad_line}")
     assert not (tmp_path / "c.html").exists()
     (good / "best_val_predictions.npz").write_bytes(b"not a zip")
     assert_user_error(run_cli("report", good), "best_val_predictions.npz", "cannot be read")

@@ -106,10 +106,12 @@ class AlarmChecker:
             if n >= c.starve_checks or task in probe_says:
                 share = number(shares.get(task))
                 figure = f"{share:.3g}" if share is not None else "n/a"
+                how_long = (f"< {c.starve_share:g} for {n} epochs" if n >= c.starve_checks else
+                            "below the gradient probe's threshold for its last checks")
                 out.append(Alarm("starving", task, epoch,
                                  f"{task} is starving: gradient share on the shared encoder "
-                                 f"{figure} < {c.starve_share:g} for {max(n, 1)} epoch(s) "
-                                 f"(epoch {epoch}); its loss barely moves the encoder"))
+                                 f"{figure}, {how_long} (epoch {epoch}); its loss barely moves "
+                                 f"the encoder"))
         return out
 
     def _logvar(self, record: dict, epoch: int) -> list[Alarm]:

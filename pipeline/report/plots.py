@@ -242,10 +242,10 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 def _candles(ax, ohlc: np.ndarray) -> None:
     o, h, l, c = (ohlc[:, i] for i in range(4))
     x = np.arange(len(o))
-    up = c >= o
+    colors = np.where(c >= o, "#26a69a", "#ef5350")
+    # two line collections (wicks, thick bodies): far faster than 105 Rectangle patches
     ax.vlines(x, l, h, color="#333", linewidth=0.6)
-    ax.bar(x, np.abs(c - o) + 1e-12, bottom=np.minimum(o, c), width=0.7,
-           color=np.where(up, "#26a69a", "#ef5350"), edgecolor="#333", linewidth=0.3)
+    ax.vlines(x, np.minimum(o, c), np.maximum(o, c), colors=colors, linewidth=3.2)
 
 
 def window_panels(pred: dict, rows: list[int]) -> bytes | None:

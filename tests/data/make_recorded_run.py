@@ -1,11 +1,16 @@
-"""Write a realistic run directory (metrics.jsonl, config.yaml, manifest.json,
-best_val_predictions.npz) in the layout `pipeline/train` writes (docs/internals.md "Run
-directory", issue 4's record keys), for the report, alarm and TensorBoard tests.
+"""Run directories for the report, alarm and TensorBoard tests.
 
-    python tests/data/make_recorded_run.py [OUT]     # default: tests/data/recorded_run
+    python tests/data/make_recorded_run.py --real [OUT]   # a real run: synth -> shard -> train
+    python tests/data/make_recorded_run.py [OUT]          # a constructed run (no training)
 
-`make_run(out, starving=True)` makes the failure the old pipeline lived with: countdown's
-gradient share collapses to ~1% and its val loss stalls while the other tasks keep improving.
+OUT defaults to tests/data/recorded_run. The committed recorded_run is a *real* one: 50 synthetic
+windows, `train --workers 0`, 8 epochs, a small model; its files (metrics.jsonl, config.yaml,
+manifest.json, best_val_predictions.npz, alarms.jsonl) are exactly what the trainer wrote.
+
+`make_run(out)` constructs a run in the same layout (issue 4's record keys) with known
+behaviour: healthy (every task improves, balanced gradient shares, no alarm), or with
+`starving=True` the failure the old pipeline lived with: countdown's gradient share collapses to
+~1% and its val loss stalls while the other tasks keep improving.
 """
 
 from __future__ import annotations
@@ -139,6 +144,37 @@ def make_run(out: str, epochs: int = 12, starving: bool = False, seed: int = 0) 
     return out
 
 
+RECORDED_FILES = ("metrics.jsonl", "config.yaml", "manifest.json", "best_val_predictions.npz",
+                  "alarms.jsonl")
+SMALL_RUN_YAML = "model:\n  hidden: 32\n  head_width: 32\ntrain:\n  probe_every: 2\n"
+
+
+def record_real_run(out: str, epochs: int = 8) -> str:
+    """Train for real through the CLI and keep the run's files (no checkpoints, no tb)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    with tempfile.TemporaryDirectory(prefix="moola-recorded-") as tmp:
+        steps = [["data", "synth", "--out", f"{tmp}/windows", "--windows", "50", "--seed", "0"],
+                 ["data", "shard", "--in", f"{tmp}/windows", "--out", f"{tmp}/shards"]]
+        with open(f"{tmp}/run.yaml", "w") as f:
+            f.write(SMALL_RUN_YAML)
+        steps.append(["train", "--workers", "0", "--data", f"{tmp}/shards", "--out", f"{tmp}/run",
+                      "--config", f"{tmp}/run.yaml", "--epochs", str(epochs), "--batch-size", "8"])
+        for args in steps:
+            subprocess.run(cli + args, check=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        for name in RECORDED_FILES:
+            if os.path.exists(f"{tmp}/run/{name}"):
+                shutil.copy(f"{tmp}/run/{name}", os.path.join(out, name))
+    return out
+
+
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
-    print(make_run(sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "recorded_run")))
+    args = [a for a in sys.argv[1:] if a != "--real"]
+    target = args[0] if args else os.path.join(here, "recorded_run")
+    print(record_real_run(target) if "--real" in sys.argv else make_run(target))
