@@ -55,7 +55,7 @@ def chromium(tmp_path, *args, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def assert_renders(tmp_path, page: Path) -> None:
+def assert_renders(tmp_path, page: Path, browser: bool = True) -> None:
     """Not blank in a screenshot, every <img> decoded by the browser and by Pillow."""
     text = page.read_text()
     images = IMG_RE.findall(text)
@@ -67,6 +67,8 @@ def assert_renders(tmp_path, page: Path) -> None:
         assert ImageStat.Stat(im.convert("L")).stddev[0] > 5, f"{alt}: a blank plot"
     # no network fetches: nothing loads from http(s)
     assert not re.search(r'(src|href)="https?:', text) and "url(http" not in text
+    if not browser:
+        return
 
     shot = tmp_path / f"{page.stem}.png"
     proc = chromium(tmp_path, "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri())
@@ -139,7 +141,20 @@ def test_report_says_what_is_missing(tmp_path):
     assert "best_val_predictions.npz" in text and "manifest.json" in text
     assert re.search(r"record keys absent: [^<]*grad_norm", text)
     assert "No data for: gradient norms and shares" in text
-    assert_renders(tmp_path, run / "report.html")
+    assert_renders(tmp_path, run / "report.html", browser=False)
+
+
+def test_no_credential_reaches_the_report(tmp_path):
+    run = copy_run(tmp_path)
+    with open(run / "config.yaml", "a") as f:  # as if a secret had slipped into the file
+        f.write("env:\n  AWS_SECRET_ACCESS_KEY: s3cr3t-value-123\n"
+                "address_note: http://user:hunter2pass@head:8265\n")
+    proc = run_cli("report", run, env={"AWS_SECRET_ACCESS_KEY": "env-secret-456"})
+    assert proc.returncode == 0, proc.stderr
+    text = (run / "report.html").read_text()
+    assert "AWS_SECRET_ACCESS_KEY" in text  # the key is shown, masked
+    for secret in ("s3cr3t-value-123", "hunter2pass", "env-secret-456"):
+        assert secret not in text
 
 
 def test_compare_puts_runs_side_by_side_and_renders(tmp_path):
@@ -153,6 +168,36 @@ def test_compare_puts_runs_side_by_side_and_renders(tmp_path):
     assert re.search(r"starving countdown \(epoch \d+\)", text)
     assert len(IMG_RE.findall(text)) == 3
     assert_renders(tmp_path, out)
+
+
+@pytest.mark.slow
+def test_fresh_training_run_ends_with_report_tensorboard_and_epoch_lines(tmp_path):
+    """The epoch hook and the end-of-run report wired into a real (local-mode) training run."""
+    import itertools
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.data.shards import random_chunks, write_shard_set
+
+    shards = str(tmp_path / "shards")
+    write_shard_set(shards, [f"f{i}" for i in range(12)], itertools.chain(
+        random_chunks(24, split="train", seed=0), random_chunks(8, split="val", seed=1)))
+    (tmp_path / "run.yaml").write_text("model:\n  hidden: 16\n  head_width: 16\n"
+                                       "train:\n  probe_every: 1\n")
+    out = tmp_path / "run"
+    proc = run_cli("train", "--workers", "0", "--data", shards, "--out", out, "--config",
+                   tmp_path / "run.yaml", "--epochs", "3", "--batch-size", "8", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = proc.stdout + proc.stderr
+    for epoch in range(3):
+        assert re.search(rf"^epoch {epoch} \| train type \S+ ptr \S+ span \S+ cd \S+ \| val ",
+                         logs, re.M), logs[-3000:]
+    assert str(out / "report.html") in logs
+    assert_renders(tmp_path, out / "report.html")
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/span")] == [0, 1, 2]
+    assert {"weights/countdown", "grad_share/pointer", "span/f1"} <= set(acc.Tags()["scalars"])
 
 
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path):

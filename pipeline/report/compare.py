@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from pipeline import storage
+from pipeline.config import redact
 from pipeline.errors import UserError
 from pipeline.report import plots
 from pipeline.report.alarms import AlarmConfig, replay
@@ -78,7 +79,7 @@ def _run_table(runs: list[Run]) -> str:
     for i, run in enumerate(runs):
         alarms = replay(run.records, AlarmConfig.from_run_config(run.config))
         text = "; ".join(f"{a.kind} {a.task} (epoch {a.epoch})" for a, _ in alarms) or "none"
-        rows.append([plots.run_label(run, i), Raw(f"<code>{esc(run.uri)}</code>"),
+        rows.append([plots.run_label(run, i), Raw(f"<code>{esc(redact(run.uri))}</code>"),
                      len(run.records), run.best_epoch, lookup(run.records[-1], "world_size"),
                      Raw(esc(text))])
     return table(["run", "directory", "epochs", "best epoch", "workers", "balance alarms"],

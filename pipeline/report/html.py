@@ -81,7 +81,8 @@ def render_report(run: Run) -> str:
 
 def _subtitle(run: Run) -> str:
     last = run.records[-1]
-    parts = [f"run directory <code>{esc(run.uri)}</code>"]
+    from pipeline.config import redact
+    parts = [f"run directory <code>{esc(redact(run.uri))}</code>"]
     if last.get("run_id"):
         parts.append(f"run id {esc(last['run_id'])}")
     parts.append(f"{len(run.records)} epoch(s) recorded")
