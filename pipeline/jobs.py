@@ -41,6 +41,7 @@ WORKING_DIR_EXCLUDES = ["/runs/", "/data/", "/demo/", "/bench/out/", "__pycache_
                         ".pytest_cache/", ".hypothesis/", "*.egg-info/", "*.parquet"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 REQUEST_TIMEOUT_S = 15.0
+AGENT_WAIT_S = 90.0
 METADATA_RUN_URI = "moola_run_uri"
 
 
@@ -86,6 +87,10 @@ def run_uri(train_args: list[str]) -> str:
 
 
 def train_entrypoint(train_args: list[str]) -> str:
+    """`moola-pipeline train ARGS`, joining the job's own cluster: a job's driver gets the
+    cluster in RAY_ADDRESS, and `train` without --address would start a second, local Ray."""
+    if not any(a == "--address" or a.startswith("--address=") for a in train_args):
+        train_args = [*train_args, "--address", "auto"]
     return shlex.join(["moola-pipeline", "train", *train_args])
 
 
@@ -210,9 +215,22 @@ class JobsClient:
         metadata = {"moola_version": __version__, **(metadata or {})}
         check_no_credentials({"entrypoint": entrypoint, "runtime_env": runtime_env,
                               "metadata": metadata, "submission_id": submission_id})
-        with self._errors():
-            return self._client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                           metadata=metadata, submission_id=submission_id)
+        # A head that has just started answers 500 "No available agent" until its dashboard
+        # agent registers: that is worth waiting for, as the server itself suggests.
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                with self._errors():
+                    return self._client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                                   metadata=metadata, submission_id=submission_id)
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise UserError(f"the Ray cluster at {self.address} has no job agent ready "
+                                    f"after {AGENT_WAIT_S:.0f} s; check the head node's "
+                                    "dashboard_agent log") from None
+                time.sleep(2)
 
     def info(self, job_id: str) -> JobSummary:
         with self._errors(job_id):

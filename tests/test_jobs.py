@@ -81,10 +81,37 @@ def test_submit_train_builds_the_train_entrypoint_and_records_the_run(ray_cluste
     job_id = _job_id(proc)
     assert f"run: {out}" in proc.stdout
     info = _ray_client(ray_cluster).get_job_info(job_id)
-    assert info.entrypoint == f"moola-pipeline train --data /nowhere --out {out} --epochs 1"
+    assert info.entrypoint == f"moola-pipeline train --data /nowhere --out {out} --epochs 1 --address auto"
     assert info.metadata["moola_run_uri"] == out
     assert info.runtime_env["env_vars"]["MOOLA_TEST_FLAG"] == "1"
     _cli(ray_cluster, "stop", job_id, "--address", ray_cluster.dashboard_url)
+
+
+def test_submit_a_real_train_run_to_the_token_auth_cluster(ray_cluster, tmp_path):
+    import itertools
+    import json
+
+    from pipeline.data.shards import random_chunks, write_shard_set
+
+    data = str(tmp_path / "shards")
+    write_shard_set(data, [f"f{i}" for i in range(12)], itertools.chain(
+        random_chunks(16, split="train", seed=0), random_chunks(8, split="val", seed=1)))
+    config = tmp_path / "small.yaml"
+    config.write_text("model:\n  hidden: 16\n  head_width: 16\n")
+    out = tmp_path / "run"
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--follow", "--",
+                "--data", data, "--out", str(out), "--config", str(config), "--workers", "0",
+                "--epochs", "1", "--batch-size", "8", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"run: {out}" in proc.stdout and "SUCCEEDED" in proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 0
+    assert set(records[0]["span"]) >= {"f1", "window_f1", "prob_separation"}
+    assert records[0]["pointer"]["windows"] == 8  # every val window scored once
+    # nothing the job wrote holds the submitter's credentials
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
 
 
 def test_failed_job_is_reported_with_non_zero_exit(ray_cluster):
@@ -128,7 +155,7 @@ def test_unreachable_address_and_unknown_job(ray_cluster):
     assert_user_error(proc, "cannot reach the Ray job server", f"http://127.0.0.1:{port}")
     proc = _cli(ray_cluster, "list", env={"RAY_ADDRESS": None})
     assert_user_error(proc, "--address")
-    for command in ("status", "logs", "stop"):
+    for command in ("status", "stop"):
         proc = _cli(ray_cluster, command, "raysubmit_doesnotexist", "--address", ray_cluster.dashboard_url)
         assert_user_error(proc, "no job 'raysubmit_doesnotexist'")
     proc = _cli(ray_cluster, "logs", "--follow", "raysubmit_doesnotexist", "--address", ray_cluster.dashboard_url)
@@ -154,3 +181,99 @@ def test_bad_submit_input_is_refused_before_anything_is_sent(args, needle):
                    env={"AWS_SECRET_ACCESS_KEY": SECRET})
     assert_user_error(proc, needle)
     assert SECRET not in proc.stderr
+
+
+class _Proxy:
+    """A TCP forwarder to the job server that the test can cut, like a dropped tunnel."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self):
+        import socket
+
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+
+def test_lost_connection_while_following_is_reported(ray_cluster):
+    import subprocess
+
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--no-working-dir",
+                "--entrypoint", _python("import time\nfor i in range(300): print('tick', i, flush=True); time.sleep(0.2)"))
+    job_id = _job_id(proc)
+    proxy = _Proxy(int(ray_cluster.dashboard_url.rsplit(":", 1)[1]))
+    env = {**__import__("os").environ, **ray_cluster.env(), "PYTHONUNBUFFERED": "1"}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "logs", job_id, "--follow", "--address",
+         f"http://127.0.0.1:{proxy.port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env)
+    try:
+        first = follower.stdout.readline()  # the stream is flowing through the proxy
+        assert first.strip(), follower.stderr.read()
+        proxy.cut()
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    done = subprocess.CompletedProcess(follower.args, follower.returncode, first + out, err)
+    assert_user_error(done, "lost the connection", job_id)
+    # the job itself is unaffected
+    status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
+    assert f"{job_id}: RUNNING" in status.stdout
+    _cli(ray_cluster, "stop", job_id, "--address", ray_cluster.dashboard_url)
+
+
+def test_a_second_head_coexists_and_stopping_it_leaves_the_first_running(ray_cluster):
+    from pipeline.devstack.ray_head import start_ray_head
+
+    second = start_ray_head(num_cpus=1)
+    try:
+        assert second.dashboard_url != ray_cluster.dashboard_url
+        assert second.address != ray_cluster.address
+        ok = _cli(ray_cluster, "list", "--address", second.dashboard_url, env=second.env())
+        assert ok.returncode == 0, ok.stderr
+        mine = {p.pid for p in second.processes()}
+        assert mine and not mine & {p.pid for p in ray_cluster.processes()}
+    finally:
+        second.stop()
+    assert not second.processes() and not second.temp_dir.exists()
+    assert ray_cluster.processes()
+    still = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url)
+    assert still.returncode == 0, still.stderr

@@ -2,8 +2,9 @@
 
 `start_ray_head(num_cpus=4)` runs `ray start --head` with token authentication on, the dashboard
 (and so the job server) bound to loopback, free ports for everything Ray would otherwise put on a
-fixed default (GCS 6379, dashboard 8265, client server 10001: several clusters share this
-machine), its own short `--temp-dir`, and waits until the job server answers an authenticated
+fixed default (GCS 6379, dashboard 8265, client server 10001, dashboard agent 52365: several
+clusters share this machine, and a second head whose agent cannot bind 52365 answers every job
+submission with HTTP 500 "No available agent"), its own short `--temp-dir`, and waits until the job server answers an authenticated
 request. `RayHead.stop()` ends exactly this cluster's processes.
 
 Why not `ray stop`: it kills every Ray process on the machine, including other people's
@@ -160,7 +161,7 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
     # short path: Ray's unix socket paths live under it and are limited to 107 bytes
     temp_dir = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="mray-", dir="/tmp"))
     temp_dir.mkdir(parents=True, exist_ok=True)
-    gcs_port, dashboard_port, client_port = free_ports(3)
+    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
 
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
@@ -178,6 +179,7 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--include-dashboard", "true",
         "--ray-client-server-port", str(client_port),
+        "--dashboard-agent-listen-port", str(agent_port),
         "--num-cpus", str(num_cpus), "--num-gpus", "0",
         "--object-store-memory", str(OBJECT_STORE_BYTES),
         "--temp-dir", str(temp_dir),
@@ -205,18 +207,26 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
 
 
 def _wait_for_job_server(head: RayHead, deadline: float) -> None:
-    """Poll the jobs API with the token until it answers 200 (the dashboard starts its job
-    module a little after `ray start` returns)."""
+    """Poll until the jobs API answers 200 with the token and the head's dashboard agent (which
+    runs the submitted jobs) listens. Both come up a while after `ray start` returns; before the
+    agent does, a submit gets HTTP 500 "No available agent"."""
+    import socket
+
     import requests
 
     last = None
+    host = head.gcs_address.rsplit(":", 1)[0]
     while time.monotonic() < deadline:
         try:
             r = requests.get(f"{head.dashboard_url}/api/jobs/", headers=head.auth_headers(), timeout=5)
-            if r.status_code == 200:
-                return
             last = f"HTTP {r.status_code}: {r.text[:200]}"
-        except requests.RequestException as exc:
+            port_files = list((head.temp_dir / "session_latest").glob("dashboard_agent_listen_port_*"))
+            if r.status_code == 200 and port_files:
+                port = int(port_files[0].read_text().strip() or 0)
+                last = f"dashboard agent not listening on {host}:{port}"
+                with socket.create_connection((host, port), timeout=2):
+                    return
+        except (requests.RequestException, OSError, ValueError) as exc:
             last = repr(exc)
         time.sleep(0.5)
     raise RuntimeError(f"Ray job server at {head.dashboard_url} did not come up: {last}")
