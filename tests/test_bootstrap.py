@@ -1,10 +1,12 @@
 """infra/bootstrap.sh, the container entrypoint, run without Docker: bad RunPod-style environments
 fail fast with one clear line, and a single pod (no node variables) runs for real in a network
 namespace: Ray head with token auth, the command run with RAY_ADDRESS, its exit status passed on,
-a small /dev/shm reported. The multi-node paths are in test_two_node.py."""
+a small /dev/shm reported. The multi-node paths are in test_two_node.py. Also the rest of infra/:
+the storage bootstrap (`storage check`) and the local stack (`stack up|env|down`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.cli import REPO
+from tests.fixtures.cli import REPO, assert_user_error, run_cli
 
 BOOTSTRAP = str(REPO / "infra" / "bootstrap.sh")
 VENV_BIN = str(Path(sys.executable).parent)
@@ -100,3 +102,79 @@ def test_single_pod_runs_head_then_command_and_passes_its_status_on(netns_nodes,
     finally:
         net.stop_all()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# -- storage bootstrap: `moola-pipeline storage check URI` ------------------------------------
+
+def test_storage_check_creates_the_bucket_and_leaves_nothing_behind(s3_server):
+    bucket = f"t-{secrets.token_hex(6)}"
+    proc = run_cli("storage", "check", f"s3://{bucket}/runs/exp1", env=s3_server.env())
+    assert proc.returncode == 0, proc.stderr
+    assert f"created bucket {bucket}" in proc.stdout
+    client = s3_server.boto3_client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    # The probe is gone; pyarrow leaves the prefix itself as an empty directory marker.
+    assert set(keys) <= {"runs/exp1/", "runs/"}, keys
+    again = run_cli("storage", "check", f"s3://{bucket}/runs/exp1", env=s3_server.env())
+    assert again.returncode == 0 and "created" not in again.stdout
+    assert s3_server.secret_key not in proc.stdout + proc.stderr + again.stdout
+
+
+def test_storage_check_with_wrong_credentials_names_the_uri_and_creates_nothing(s3_server):
+    bucket = f"t-{secrets.token_hex(6)}"
+    env = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    proc = run_cli("storage", "check", f"s3://{bucket}/p", env=env)
+    assert_user_error(proc, f"s3://{bucket}", "access denied", "AWS_SECRET_ACCESS_KEY")
+    names = [b["Name"] for b in s3_server.boto3_client().list_buckets()["Buckets"]]
+    assert bucket not in names
+    assert "not-the-secret" not in proc.stderr + proc.stdout
+
+
+def test_storage_check_unreachable_endpoint_is_one_clear_line():
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+           "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    proc = run_cli("storage", "check", "s3://somewhere/p", env=env, timeout=60)
+    assert_user_error(proc, "cannot reach the S3 endpoint http://127.0.0.1:9")
+
+
+def test_storage_check_local_directory(tmp_path):
+    target = tmp_path / "a" / "b"
+    proc = run_cli("storage", "check", str(target))
+    assert proc.returncode == 0 and "created directory" in proc.stdout
+    assert target.is_dir() and list(target.iterdir()) == []
+
+
+# -- local stack: `moola-pipeline stack up|env|down` ------------------------------------------
+
+def test_local_stack_up_env_down(tmp_path):
+    import requests
+
+    stack_dir = tmp_path / "stack"
+    env = {"MOOLA_STACK_DIR": str(stack_dir), "RAY_ADDRESS": None, "RAY_AUTH_TOKEN": None}
+    up = run_cli("stack", "up", "--num-cpus", "1", env=env, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr
+        exported = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines()
+                        if line.startswith("export "))
+        assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN",
+                "RAY_AUTH_MODE"} <= set(exported)
+        state = json.loads((stack_dir / "state.json").read_text())
+        assert exported["AWS_SECRET_ACCESS_KEY"] not in json.dumps(state)
+        assert exported["RAY_AUTH_TOKEN"] not in json.dumps(state)
+
+        # What it prints is what works: S3 with those keys, the job server with that token.
+        check = run_cli("storage", "check", "s3://stack-check/x", env=exported)
+        assert check.returncode == 0, check.stderr
+        jobs = state["dashboard_url"] + "/api/jobs/"
+        ok = requests.get(jobs, headers={"Authorization": f"Bearer {exported['RAY_AUTH_TOKEN']}"}, timeout=10)
+        assert ok.status_code == 200
+        assert requests.get(jobs, timeout=10).status_code in (401, 403)
+        assert run_cli("stack", "env", env=env).stdout == up.stdout
+        assert_user_error(run_cli("stack", "up", env=env), "already running")
+    finally:
+        down = run_cli("stack", "down", env=env, timeout=120)
+    assert down.returncode == 0 and "local stack stopped" in down.stdout
+    assert not (stack_dir / "state.json").exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(state["dashboard_url"] + "/api/jobs/", timeout=5)
+    assert_user_error(run_cli("stack", "env", env=env), "no local stack is running")
