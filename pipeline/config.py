@@ -60,6 +60,7 @@ class TrainSection:
     batch_size: int = 32          # global: each of W workers takes batch_size / W
     lr: float = 1e-3
     weight_decay: float = 0.0
+    weighting_lr: float | None = None  # own rate for the log-variances (None: same as lr)
     grad_clip: float = 1.0        # max global grad norm; 0 turns clipping off
     scheduler: str = "constant"   # "constant" or "cosine" (over epochs * steps per epoch)
     seed: int = 0
@@ -266,12 +267,16 @@ def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)
 
 
+# Train keys that decide the optimisation: a resumed run may not change them.
+OPTIMISATION_KEYS = ("batch_size", "lr", "weight_decay", "weighting_lr", "grad_clip", "scheduler",
+                     "seed")
+
+
 def config_hash(cfg: TrainConfig) -> str:
     """Hash of what decides the optimisation; epochs, cluster and stopping may change on resume."""
     d = cfg.to_dict()
     keep = {"model": d["model"], "loss": d["loss"],
-            "train": {k: d["train"][k] for k in ("batch_size", "lr", "weight_decay", "grad_clip",
-                                                  "scheduler", "seed")}}
+            "train": {k: d["train"][k] for k in OPTIMISATION_KEYS}}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -279,8 +284,7 @@ def resume_conflicts(saved: TrainConfig, new: TrainConfig) -> list[str]:
     """Dotted keys that may not change when a run is resumed."""
     a, b = saved.to_dict(), new.to_dict()
     keys = [f"model.{k}" for k in a["model"]] + [f"loss.{k}" for k in a["loss"]]
-    keys += [f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "grad_clip", "scheduler",
-                                    "seed")]
+    keys += [f"train.{k}" for k in OPTIMISATION_KEYS]
     keys += ["data"]
     out = []
     for key in keys:

@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loss_cfg = LossConfig(**_section(cfg.loss))
     weighting = build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
     multitask = MultiTaskModel(JadeCompact(model_cfg), weighting, loss_cfg).to(device)
-    optimizer = torch.optim.AdamW(multitask.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr))
     scheduler = _scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
     probe = GradientProbe(every=t.probe_every)
 

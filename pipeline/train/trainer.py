@@ -164,8 +164,14 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
                           "storage_path": storage.parent(cfg.out)[len(storage.S3_SCHEME):]}
     else:
         storage_kwargs = {"storage_path": storage.parent(cfg.out)}
+    # A local Ray has no dashboard, so Train's placement-group cleaner warns every few seconds
+    # that the state API is missing; on a cluster its warnings matter and stay on.
+    log_level = "ERROR" if c.address is None else "WARNING"
     run_config = ray.train.RunConfig(
         name=storage.basename(cfg.out),
+        logging_config=ray.train.LoggingConfig(log_level=log_level),
+        # Train's print patch would send each line of the epoch summary to the console twice.
+        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE_ATTR,
