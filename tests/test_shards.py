@@ -12,9 +12,10 @@ from pipeline.data import features as feats
 from pipeline.data import schema
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import load_manifest
-from pipeline.data.shard_dataset import segment_starts, shard_dataset
+from pipeline.data.shard_dataset import read_windows, segment_starts, shard_dataset
 from pipeline.data.shards import random_chunks, write_shard_set
 from pipeline.data.synth import synthesize
+from pipeline.errors import UserError
 from tests.fixtures.cli import run_cli
 
 
@@ -191,3 +192,20 @@ def test_validate_reports_every_problem_of_every_shard_at_once(tmp_path):
     assert proc.returncode != 0 and "leakage between splits" in proc.stderr
     assert "'g0'" in proc.stderr and "is in more than one split" in proc.stderr
     assert "'g1'" not in proc.stderr
+
+
+def test_read_windows_matches_the_schema_reader_without_reading_ohlc(synth50, tmp_path):
+    ws, reference = read_windows(synth50), schema.read_dataset(synth50)
+    assert ws.windows.column_names == reference.windows.column_names
+    assert ws.windows.to_pylist() == reference.windows.to_pylist()
+    assert ws.bars.equals(reference.bars) and ws.meta == reference.meta
+    # a broken windows file is still refused whole, naming the file and the rows
+    table = reference.windows.set_column(
+        reference.windows.schema.get_field_index("bar_index"), "bar_index",
+        pa.array([10**9] + [0] * 49, pa.int64()))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(table, bad / "windows.parquet")
+    pq.write_table(reference.bars, bad / "bars.parquet")
+    with pytest.raises(UserError, match=r"windows.parquet: .*bar_index outside .*row 0"):
+        read_windows(str(bad))
