@@ -92,17 +92,24 @@ class EpochSink:
 
     def on_epoch(self, record: dict) -> list[str]:
         active = self.checker.check(record)
-        print(summary_line(record), file=self.stream, flush=True)
+        self._emit(summary_line(record))
         raised = {(a.get("kind"), a.get("task")) for a in self.logged}
         for alarm in active:
             if alarm.key not in raised:
-                print(f"ALARM [{alarm.kind}] {alarm.message}", file=self.stream, flush=True)
+                self._emit(f"ALARM [{alarm.kind}] {alarm.message}")
                 self._log_alarm(alarm)
         if self.tb is not None and self._guard("TensorBoard", lambda: self.tb.write(record)) is None:
             self.tb = None
         if self.mlflow is not None and not self.mlflow.log(record):
             self.mlflow = None
         return [a.message for a in active]
+
+    def _emit(self, line: str) -> None:
+        # stream.write, not print: inside a Ray Train V2 worker `print` is patched to go to
+        # the logger *and* (stdout being wrapped) to stdout, so every line reached the driver
+        # twice; a plain write reaches it once, through the worker's stdout.
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def _log_alarm(self, alarm: Alarm) -> None:
         self.logged.append(alarm.to_dict())
@@ -123,7 +130,8 @@ class EpochSink:
             return None
 
     def _warn(self, message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"warning: {message}\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
         if self.tb is not None:
@@ -201,8 +209,8 @@ class _PlainProgress:
     def advance(self, n: int = 1) -> None:
         self.done += n
         while self.total and self.next_mark <= 4 and self.done * 4 >= self.next_mark * self.total:
-            print(f"epoch {self.epoch}: {self.done}/{self.total} batches", file=self.stream,
-                  flush=True)
+            self.stream.write(f"epoch {self.epoch}: {self.done}/{self.total} batches\n")
+            self.stream.flush()
             self.next_mark += 1
 
 
