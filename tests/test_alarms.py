@@ -155,3 +155,16 @@ def test_epoch_progress_plain_lines_when_not_a_tty():
         for _ in range(8):
             bar.advance()
     assert out.getvalue().splitlines() == [f"epoch 2: {n}/8 batches" for n in (2, 4, 6, 8)]
+
+
+def test_epoch_progress_is_a_rich_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    with epoch_progress(4, 1, stream=out) as bar:
+        for _ in range(4):
+            bar.advance()
+    text = out.getvalue()
+    assert "epoch 1" in text and "4/4" in text and "batches" not in text

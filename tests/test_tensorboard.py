@@ -83,3 +83,16 @@ def test_s3_run_dir_gets_event_files_after_every_epoch(tmp_path, s3_env):
             client.download_file(s3_env.name, key, str(local / Path(key).name))
     got = read_scalars(local)
     assert [e.step for e in got["val/span"]] == [0, 1, 2]
+
+
+def test_mlflow_uri_without_mlflow_installed_warns_and_keeps_going(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here; this checks the path without it")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    sink = EpochSink(str(tmp_path), None, stream=io.StringIO())
+    assert sink.mlflow is None
+    sink.on_epoch(recorded()[0])
+    sink.close()
+    assert "MLFLOW_TRACKING_URI is set but mlflow is not installed" in capsys.readouterr().err
+    assert read_scalars(tmp_path / "tb")["val/span"][0].step == 0

@@ -40,6 +40,8 @@ class AlarmConfig:
     def from_run_config(cls, config: dict | None, **overrides) -> "AlarmConfig":
         """Thresholds from a resolved run config: the clamp of the weighting, the probe's
         starving threshold, and an optional `alarms:` mapping with any field above."""
+        if hasattr(config, "to_dict"):  # a TrainConfig rather than its dict
+            config = config.to_dict()
         config = config or {}
         values: dict = {}
         options = ((config.get("loss") or {}).get("weighting_options") or {})

@@ -23,14 +23,17 @@ EXPECTED_KEYS = ["epoch", "step", "world_size", "train", "val", "weights", "log_
                  "grad_norm", "grad_share", "grad_ratio_countdown_pointer", "samples_per_s",
                  "epoch_time_s", "lr"]
 
-# (label, path, "max" or "min": which direction is better)
+# (label, path, "max" or "min": which direction is better). The trainer writes the first name of
+# each pair; the second is the name issue 6's brief used, so either layout reports.
 METRIC_ROWS = [
     ("val loss (sum of tasks)", "val_loss", "min"),
     ("span F1 (pooled bars)", "span.f1", "max"),
     ("span F1 (per window)", "span.window_f1", "max"),
+    ("span F1 (per window)", "span.f1_window", "max"),
     ("span precision", "span.precision", "max"),
     ("span recall", "span.recall", "max"),
     ("span probability separation", "span.prob_separation", "max"),
+    ("span probability separation", "span.separation", "max"),
     ("pointer Hit@\u00b13 start", "pointer.hit3_start", "max"),
     ("pointer Hit@\u00b13 end", "pointer.hit3_end", "max"),
     ("pointer Hit@\u00b13 both", "pointer.hit3_both", "max"),

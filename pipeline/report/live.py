@@ -165,6 +165,8 @@ class _MLflow:
             return None
         try:
             from pipeline.config import redact
+            if hasattr(config, "to_dict"):
+                config = config.to_dict()
             mlflow.start_run(run_name=storage.basename(run_dir))
             params = scalars_and_strings(redact(config or {}))
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})

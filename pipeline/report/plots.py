@@ -130,9 +130,11 @@ def gradient_curves(records, epochs, tasks, starve_share: float) -> bytes | None
 
 # (title, [(metric path, label)], reference lines [(y, label)])
 METRIC_PANELS = [
-    ("span F1", [("span.f1", "F1 pooled over bars"), ("span.window_f1", "F1 per window")],
+    ("span F1", [("span.f1", "F1 pooled over bars"), ("span.window_f1", "F1 per window"),
+                 ("span.f1_window", "F1 per window")],
      [(0.25, "production target 0.25")]),
-    ("span probability separation", [("span.prob_separation", "in-span - out-of-span")],
+    ("span probability separation", [("span.prob_separation", "in-span - out-of-span"),
+                                     ("span.separation", "in-span - out-of-span")],
      [(0.05, "viable 0.05"), (0.10, "strong 0.10")]),
     ("pointer Hit@\u00b13", [("pointer.hit3_start", "start"), ("pointer.hit3_end", "end"),
                              ("pointer.hit3_both", "both")], []),
