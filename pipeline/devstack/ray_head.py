@@ -35,7 +35,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 STARTUP_TIMEOUT_S = 120.0
-STOP_GRACE_S = 5.0  # gcs_server often ignores SIGTERM; nothing to flush in tests
+STOP_GRACE_S = 2.0  # gcs_server, raylet and the monitor ignore SIGTERM here; tests flush nothing
 OBJECT_STORE_BYTES = 256 * 1024**2  # tests move checkpoints through files, not the object store
 
 
@@ -115,33 +115,22 @@ class RayHead:
             except psutil.Error:
                 continue
         found.pop(os.getpid(), None)
-        return list(found.values())
+        return [p for p in found.values() if _running(p)]
 
     def alive(self) -> bool:
         return bool(self.processes())
 
     def stop(self, keep_temp_dir: bool = False) -> None:
         """SIGTERM every process of this cluster, SIGKILL the rest after a grace period."""
-        import psutil
-
         if self._stopped:
             return
         procs = self.processes()
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+        _signal_all(procs, signal.SIGTERM)
+        alive = _wait_gone(procs, STOP_GRACE_S)
         # processes may have spawned children while stopping: sweep once more
-        alive = {p.pid: p for p in alive}
-        alive.update({p.pid: p for p in self.processes()})
-        for proc in alive.values():
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(list(alive.values()), timeout=STOP_GRACE_S)
+        alive = {p.pid: p for p in alive + self.processes()}
+        _signal_all(alive.values(), signal.SIGKILL)
+        _wait_gone(list(alive.values()), STOP_GRACE_S)
         self._stopped = True
         if not keep_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -151,6 +140,39 @@ class RayHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _signal_all(procs, sig) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list, timeout_s: float) -> list:
+    """Wait until every process has exited; returns those still running. A zombie counts as
+    gone: Ray's daemons are reparented to PID 1, which in a container may never reap them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for proc in procs:
+            if _running(proc):
+                alive.append(proc)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str | Path | None = None,
