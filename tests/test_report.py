@@ -144,6 +144,20 @@ def test_report_says_what_is_missing(tmp_path):
     assert_renders(tmp_path, run / "report.html", browser=False)
 
 
+def test_a_nan_loss_is_an_alarm_and_the_report_still_draws(tmp_path):
+    from pipeline.report.html import write_report
+
+    run = copy_run(tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    last["train"]["span"] = float("nan")
+    lines[-1] = json.dumps(last)  # json writes NaN, as the trainer's json.dumps would
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    text = Path(write_report(str(run))).read_text()
+    assert "nonfinite" in text and "span: train loss is nan" in text
+    assert_renders(tmp_path, run / "report.html", browser=False)
+
+
 def test_no_credential_reaches_the_report(tmp_path):
     run = copy_run(tmp_path)
     with open(run / "config.yaml", "a") as f:  # as if a secret had slipped into the file

@@ -272,7 +272,8 @@ def window_panels(pred: dict, rows: list[int]) -> bytes | None:
             ax.plot([center - length / 2, center + length / 2], [top, top], color="#9467bd",
                     linewidth=3, label="pointer head [start, end]")
         twin = ax.twinx()
-        twin.plot(prob, color="#ff7f0e", linewidth=1, alpha=0.7)
+        twin.plot(prob, color="#ff7f0e", linewidth=1, alpha=0.7, label="p(span) per bar")
+        twin.legend(fontsize=6, loc="upper right")
         twin.set_ylim(0, 1)
         twin.tick_params(labelsize=7)
         twin.set_ylabel("p(span)", fontsize=8)
