@@ -277,3 +277,19 @@ def test_a_second_head_coexists_and_stopping_it_leaves_the_first_running(ray_clu
     assert ray_cluster.processes()
     still = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url)
     assert still.returncode == 0, still.stderr
+
+
+@pytest.mark.s3
+def test_job_on_a_cluster_with_node_credentials_writes_to_s3_without_shipping_them(ray_s3_cluster, s3_bucket):
+    # The submitter has no AWS keys at all; the cluster's nodes have their own (as on RunPod).
+    uri = f"{s3_bucket.uri}/from-job.txt"
+    code = f"from pipeline import storage; storage.write_bytes_atomic({uri!r}, b'written-by-job')"
+    env = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+           "AWS_ENDPOINT_URL": s3_bucket.server.endpoint, **ray_s3_cluster.env()}
+    proc = run_cli("submit", "--address", ray_s3_cluster.dashboard_url, "--follow",
+                   "--entrypoint", _python(code), env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    body = s3_bucket.server.boto3_client().get_object(Bucket=s3_bucket.name, Key="from-job.txt")
+    assert body["Body"].read() == b"written-by-job"
+    info = _ray_client(ray_s3_cluster).get_job_info(_job_id(proc))
+    assert s3_bucket.server.secret_key not in repr(info.__dict__)
