@@ -144,6 +144,18 @@ def test_report_says_what_is_missing(tmp_path):
     assert_renders(tmp_path, run / "report.html", browser=False)
 
 
+def test_a_half_written_last_line_of_a_live_run_is_left_out_and_said(tmp_path):
+    from pipeline.report.html import write_report
+
+    run = copy_run(tmp_path)
+    n = len((run / "metrics.jsonl").read_text().splitlines())
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 8, "train": {"ty')  # no newline: the writer is mid-line
+    text = Path(write_report(str(run))).read_text()
+    assert f"{n} epoch(s) recorded" in text
+    assert "last line is incomplete" in text
+
+
 def test_a_nan_loss_is_an_alarm_and_the_report_still_draws(tmp_path):
     from pipeline.report.html import write_report
 
@@ -222,7 +234,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path):
     run = copy_run(tmp_path)
     bad_line = len((run / "metrics.jsonl").read_text().splitlines()) + 1
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 99, "train": \n')
+        f.write('{"epoch": 99, "train": \n{"epoch": 100}\n')
     proc = run_cli("report", run)
     assert_user_error(proc, f"metrics.jsonl line {bad_line}", "not valid JSON")
     assert not (run / "report.html").exists()

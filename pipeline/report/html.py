@@ -195,7 +195,8 @@ def _missing_section(run: Run, no_data: list[str]) -> list[str]:
     absent = [k for k in EXPECTED_KEYS if not any(k in r for r in run.records)]
     null = [k for k in EXPECTED_KEYS if k not in absent and
             all(r.get(k) in (None, {}) for r in run.records)]
-    items = ([f"files not in the run directory: {', '.join(run.missing)}"] if run.missing else []) \
+    items = list(run.notes) \
+        + ([f"files not in the run directory: {', '.join(run.missing)}"] if run.missing else []) \
         + ([f"record keys absent: {', '.join(absent)}"] if absent else []) \
         + ([f"record keys always empty: {', '.join(null)}"] if null else []) \
         + ([f"plots without data: {', '.join(no_data)}"] if no_data else [])

@@ -37,7 +37,8 @@ class Run:
     manifest: dict | None = None
     predictions: dict[str, np.ndarray] | None = None
     logged_alarms: list[dict] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)   # files not in the run directory
+    notes: list[str] = field(default_factory=list)     # anything else left out, and why
 
     @property
     def name(self) -> str:
@@ -131,11 +132,14 @@ def load_run(uri: str) -> Run:
             raise UserError(f"{uri}: not found; pass a run directory (the --out of `train`)")
         raise UserError(f"{uri}: no {METRICS} here; is this a run directory (the --out of "
                         f"`train`), and has its first epoch finished?")
-    records = _read_jsonl(metrics_uri)
+    records, partial = _read_metrics(metrics_uri)
     if not records:
         raise UserError(f"{metrics_uri}: no epochs recorded yet; run the report after the first "
                         f"epoch has finished")
     run = Run(uri=uri, records=records)
+    if partial:
+        run.notes.append(f"{METRICS}: its last line is incomplete (a run still writing it?) "
+                           f"and was left out")
     run.config = _read_optional(run, CONFIG, lambda b: yaml.safe_load(b.decode("utf-8")))
     run.manifest = _read_optional(run, MANIFEST, lambda b: json.loads(b.decode("utf-8")))
     run.predictions = _read_optional(run, PREDICTIONS, _load_npz)
@@ -145,9 +149,23 @@ def load_run(uri: str) -> Run:
     return run
 
 
-def _read_jsonl(uri: str) -> list[dict]:
+def _read_metrics(uri: str) -> tuple[list[dict], bool]:
+    """The records, and whether an unterminated last line was left out: a live run appends
+    one line per epoch, so a report made mid-run may see half of the newest line."""
+    text = storage.read_text(uri)
+    body, _, tail = text.rpartition("\n") if not text.endswith("\n") else (text, "", "")
+    if tail.strip():
+        try:
+            json.loads(tail)
+        except json.JSONDecodeError:
+            return _read_jsonl(uri, body), True
+    return _read_jsonl(uri, text), False
+
+
+def _read_jsonl(uri: str, text: str | None = None) -> list[dict]:
     out = []
-    for n, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+    text = storage.read_text(uri) if text is None else text
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
