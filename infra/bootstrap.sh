@@ -137,12 +137,20 @@ log "cluster ready: $num_nodes node(s); RAY_ADDRESS=$RAY_ADDRESS; jobs at http:/
 if [ $# -eq 0 ]; then
   log "no command given: serving as the cluster head (submit jobs to the job server)"
   wait "$ray_pid"
-else
-  log "running: $*"
-  set +e
-  "$@"
-  status=$?
-  set -e
-  log "command exited with status $status"
-  exit "$status"
+  exit $?
 fi
+
+# The command runs in the background so a SIGTERM (docker stop, pod shutdown) reaches it now,
+# not after it finishes; its own exit status is what this script exits with.
+log "running: $*"
+"$@" &
+cmd_pid=$!
+trap 'kill -TERM "$cmd_pid" 2>/dev/null || true' TERM INT
+status=0
+wait "$cmd_pid" || status=$?
+while kill -0 "$cmd_pid" 2>/dev/null; do  # woken by a signal: wait for the real exit
+  status=0
+  wait "$cmd_pid" || status=$?
+done
+log "command exited with status $status"
+exit "$status"

@@ -1,6 +1,6 @@
 """infra/bootstrap.sh, the container entrypoint, run without Docker: bad RunPod-style environments
 fail fast with one clear line, and a single pod (no node variables) runs for real in a network
-namespace: Ray head with token auth, the command run with RAY_ADDRESS, its exit status passed on,
+namespace: Ray head with token auth, the command run with RAY_ADDRESS, SIGTERM forwarded to it and its exit status passed on,
 a small /dev/shm reported. The multi-node paths are in test_two_node.py. Also the rest of infra/:
 the storage bootstrap (`storage check`) and the local stack (`stack up|env|down`)."""
 
@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,33 +67,44 @@ def test_missing_ray_token_is_refused():
 
 
 CHECK_COMMAND = r"""
-import os, sys, ray
+import os, signal, sys, time, ray
 ray.init(address=os.environ["RAY_ADDRESS"])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))  # a clean shutdown with its own status
 print("RESOURCES", ray.cluster_resources().get("CPU"))
 print("NCCL", os.environ.get("NCCL_SOCKET_IFNAME"), "GLOO", os.environ.get("GLOO_SOCKET_IFNAME"))
 print("AUTH", os.environ.get("RAY_AUTH_MODE"))
-sys.exit(7)
+print("CHECKS" + " DONE", flush=True)  # (split so the echoed command line does not match)
+time.sleep(600)
 """
 
 
 @pytest.mark.netns
-def test_single_pod_runs_head_then_command_and_passes_its_status_on(netns_nodes, tmp_path):
+def test_single_pod_runs_head_then_command_and_forwards_sigterm(netns_nodes, tmp_path):
     net = netns_nodes(1)
     node = net.nodes[0]
     temp = f"/tmp/{net.prefix}-0"
+    log = tmp_path / "pod.log"
     env = clean_env(RAY_AUTH_TOKEN=TOKEN, MOOLA_RAY_NUM_CPUS="1", MOOLA_RAY_TEMP_DIR=temp,
                     MOOLA_RAY_START_ARGS="--object-store-memory 100000000",
                     MOOLA_MIN_SHM_MB=str(10**9), PYTHONUNBUFFERED="1")
     try:
-        proc = net.run(node, [BOOTSTRAP, sys.executable, "-c", CHECK_COMMAND], env=env, timeout=150)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 7, out[-4000:]  # the command's own status
-        assert "RESOURCES 1.0" in proc.stdout  # it reached this pod's Ray head via RAY_ADDRESS
-        assert "AUTH token" in proc.stdout
+        proc = net.popen(node, [BOOTSTRAP, sys.executable, "-c", CHECK_COMMAND], env, log)
+        deadline = time.monotonic() + 150
+        while "CHECKS DONE" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = log.read_text()
+        assert "RESOURCES 1.0" in out, out[-4000:]  # it reached this pod's Ray head via RAY_ADDRESS
+        assert "AUTH token" in out
         # A single pod has no ens1: collectives are left to pick their interface.
-        assert "NCCL None GLOO None" in proc.stdout
-        assert "warning: /dev/shm is" in proc.stderr and "--shm-size" in proc.stderr
-        assert "command exited with status 7" in proc.stderr
+        assert "NCCL None GLOO None" in out
+        assert "warning: /dev/shm is" in out and "--shm-size" in out
+
+        # `docker stop` / pod shutdown: SIGTERM reaches the running command at once, and its
+        # exit status is the container's.
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 7, log.read_text()[-3000:]
+        out = log.read_text()
+        assert "command exited with status 7" in out
         assert TOKEN not in out
         # The head went down with the command (Ray's dashboard helpers follow within seconds).
         deadline = time.monotonic() + 20
