@@ -199,10 +199,21 @@ def test_up_waits_for_the_real_ray_head_then_status_and_down(fake, netns_nodes, 
         wrong = rp(fake, "status", env={**proxy, "RAY_AUTH_TOKEN": "not-the-token"})
         assert_user_error(wrong, "refused RAY_AUTH_TOKEN")
 
+        # An Instant Cluster waits the same way, for all its nodes and then node 0's head.
+        up2 = rp(fake, "up", "--gpus", "1", "--nodes", "2", "--gpu-type", GPU, "--wait-timeout", "60",
+                 env=proxy, timeout=90)
+        assert up2.returncode == 0, up2.stderr
+        [cid] = fake.clusters
+        assert fake.clusters[cid]["polls"] > fake.polls_until_running
+        assert f"ray head answering at {address}" in up2.stdout
+
         down = rp(fake, "down")
         assert down.returncode == 0 and f"terminated pod {pod_id}" in down.stdout
-        assert fake.pods[pod_id]["terminated"] and not fake.record.exists()
-        assert_no_secrets(fake, up.stdout, up.stderr, status.stdout, down.stdout, wrong.stderr)
+        assert f"deleted cluster {cid}" in down.stdout
+        assert fake.pods[pod_id]["terminated"] and fake.clusters[cid]["deleted"]
+        assert not fake.record.exists()
+        assert_no_secrets(fake, up.stdout, up.stderr, up2.stdout, status.stdout, down.stdout,
+                          wrong.stderr)
     finally:
         net.stop_all()
         shutil.rmtree(f"/tmp/{net.prefix}-0", ignore_errors=True)
