@@ -117,11 +117,15 @@ def test_submit_a_real_train_run_to_the_token_auth_cluster(ray_cluster, tmp_path
 def test_failed_job_is_reported_with_non_zero_exit(ray_cluster):
     proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--follow",
                 "--no-working-dir", "--entrypoint", _python("import sys; print('about to fail'); sys.exit(3)"))
-    assert_user_error(proc, "failed", "moola-pipeline logs")
+    assert_user_error(proc, "failed", "exit code 3", "moola-pipeline logs")
     job_id = _job_id(proc)
     assert "about to fail" in proc.stdout
     status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
     assert_user_error(status, f"job {job_id} failed")
+    # one line, not the job's output again
+    assert [line for line in status.stderr.splitlines() if line.strip()] == \
+        [line for line in status.stderr.splitlines() if line.startswith("error: ")]
+    assert "about to fail" not in status.stderr
 
 
 def test_stop_a_running_job(ray_cluster):

@@ -39,7 +39,11 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
 
 def _fail_if_failed(summary) -> None:
     if summary.status == "FAILED":
-        raise UserError(f"job {summary.job_id} failed: {summary.message.strip() or 'no message'} "
+        # Ray appends the job's last 20,000 characters of output to the message: keep the
+        # first line, `logs` is where the output is read
+        reason = summary.message.strip().splitlines()[0] if summary.message.strip() else "no message"
+        reason = reason.split(", last available logs")[0]
+        raise UserError(f"job {summary.job_id} failed: {reason} "
                         f"(`moola-pipeline logs {summary.job_id}` shows its output)")
 
 
