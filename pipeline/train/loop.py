@@ -133,7 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while epoch < t.epochs:
         # ---- train ----------------------------------------------------------------------
         model.train()
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         loss_sums, batches, samples = torch.zeros(len(model_cfg.tasks), dtype=torch.float64), 0, 0
         if partial is not None and rank == 0:  # resumed mid-epoch: count the batches before
             n = len(model_cfg.tasks)              # the checkpoint (global sums, held by rank 0)
@@ -205,7 +205,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "starving": probe.starving(),
             **task_metrics,
             "samples_per_s": g_samples / train_time if train_time > 0 else None,
-            "epoch_time_s": train_time, "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": train_time, "started_at": started_at,
+            "lr": optimizer.param_groups[0]["lr"],
         }
 
         # Best checkpoint and early stopping: every rank decides the same from the same

@@ -1,0 +1,122 @@
+"""What Ray Train costs us: steady-state samples/s of `moola-pipeline train` with 1 Ray worker
+against a plain PyTorch loop on the same model, data, batch size and CPU threads, in one run;
+plus the time from command start to the first training step.
+
+    .venv/bin/python bench/train_overhead.py [--train 512] [--batch-size 32] [--epochs 4]
+                                             [--threads 2] [--hidden 96]
+
+The plain loop is the pipeline's own step without Ray: ShardLoader -> MultiTaskModel ->
+backward -> AdamW, no DDP, no gradient probe, no eval, no checkpoints. The pipeline figure is
+its metrics.jsonl `samples_per_s` (training phase of each epoch) over epochs 1.. (epoch 0 holds
+warm-up), and, end to end, samples per second between the starts of consecutive epochs
+(training + distributed eval + checkpoint + metrics record). The worker gets `--threads` CPUs
+(Ray sets its OMP/torch threads to that), the plain loop the same torch thread count.
+Goal (issue 4): pipeline >= 0.9 x plain. Figures depend on machine load: rerun on a quiet box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_data(path: str, n_train: int, n_val: int) -> None:
+    from pipeline.data.shards import random_chunks, write_shard_set
+    names = [f"f{i}" for i in range(12)]
+    write_shard_set(path, names, itertools.chain(random_chunks(n_train, split="train", seed=0),
+                                                 random_chunks(n_val, split="val", seed=1)))
+
+
+def plain_loop(data: str, batch_size: int, epochs: int, threads: int, hidden: int) -> list[float]:
+    """samples/s of each epoch of a plain PyTorch loop over the same batches."""
+    import torch
+
+    from pipeline.data.loader import ShardLoader
+    from pipeline.model import JadeCompact, JadeConfig
+    from pipeline.reducer import LossConfig, MultiTaskModel, build_weighting
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model_cfg = JadeConfig(hidden=hidden)
+    loss_cfg = LossConfig()
+    model = MultiTaskModel(JadeCompact(model_cfg),
+                           build_weighting(loss_cfg.weighting, model_cfg.tasks), loss_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    loader = ShardLoader(data, "train", batch_size=batch_size, seed=0, verify=False)
+    rates = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        start, samples = time.perf_counter(), 0
+        for batch in loader:
+            total, _, _ = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            samples += batch["label"].shape[0]
+        rates.append(samples / (time.perf_counter() - start))
+    return rates
+
+
+def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int,
+                 hidden: int) -> tuple[list[dict], float, float]:
+    """(records, command start time, command wall seconds) of a 1-worker local Ray run."""
+    cfg = Path(out + ".yaml")
+    cfg.write_text(f"model:\n  hidden: {hidden}\ncluster:\n  cpus_per_worker: {threads}\n")
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--data", data, "--out", out,
+           "--config", str(cfg), "--workers", "1", "--epochs", str(epochs),
+           "--batch-size", str(batch_size), "--seed", "0"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        sys.exit(f"pipeline run failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+    return records, t0, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--hidden", type=int, default=96)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="moola-bench-") as tmp:
+        data = os.path.join(tmp, "shards")
+        make_data(data, args.train, 64)
+        plain = plain_loop(data, args.batch_size, args.epochs, args.threads, args.hidden)
+        records, t0, wall = pipeline_run(data, os.path.join(tmp, "run"), args.batch_size,
+                                         args.epochs, args.threads, args.hidden)
+
+    steady = lambda xs: sum(xs[1:]) / len(xs[1:]) if len(xs) > 1 else xs[0]  # noqa: E731
+    plain_sps = steady(plain)
+    pipe_sps = steady([r["samples_per_s"] for r in records])
+    starts = [r["started_at"] for r in records]
+    e2e = [args.train / (b - a) for a, b in zip(starts[1:], starts[2:])] or [float("nan")]
+    e2e_sps = sum(e2e) / len(e2e)
+    print(f"model hidden={args.hidden}, {args.train} train windows, global batch "
+          f"{args.batch_size}, {args.threads} CPU thread(s), {args.epochs} epochs (epoch 0 = warm-up)")
+    print(f"plain PyTorch loop        {plain_sps:10.1f} samples/s  (per epoch: "
+          f"{', '.join(f'{x:.0f}' for x in plain)})")
+    print(f"pipeline, 1 Ray worker    {pipe_sps:10.1f} samples/s  training phase  "
+          f"ratio {pipe_sps / plain_sps:.2f}  (goal >= 0.9)")
+    print(f"pipeline, end to end      {e2e_sps:10.1f} samples/s  train+eval+checkpoint+record  "
+          f"ratio {e2e_sps / plain_sps:.2f}")
+    print(f"command start -> first step {starts[0] - t0:6.1f} s   (whole command {wall:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
