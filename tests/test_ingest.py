@@ -208,3 +208,23 @@ def test_replacing_a_data_set_leaves_no_stale_bar_series(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["windows.parquet"]
     assert len(schema.read_dataset(str(out))) == 2
+
+
+def test_reading_a_damaged_canonical_data_set_names_the_rows(tmp_path):
+    """`data shard` reads through read_dataset: a hand-edited windows.parquet is refused whole."""
+    from pipeline.errors import UserError
+
+    syn = synth.synthesize(6, 0)
+    t = syn.windows.windows
+    label = pa.array([0, 1, 3, 0, None, 1], pa.int8())
+    bar_index = pa.array(syn.starts.tolist()[:5] + [10**6], pa.int64())
+    t = t.set_column(t.schema.get_field_index("label"), "label", label)
+    t = t.set_column(t.schema.get_field_index("bar_index"), "bar_index", bar_index)
+    bad = schema.WindowSet(t, syn.windows.bars, {})
+    with pytest.raises(UserError) as info:
+        schema.validate(bad, "w/windows.parquet")
+    msg = info.value.format_message()
+    assert msg.startswith("w/windows.parquet: 3 problems")
+    assert "label other than 0 or 1: row 2" in msg
+    assert "expansion_start/expansion_end but no label: row 4" in msg
+    assert "bar_index outside" in msg and "row 5" in msg

@@ -148,7 +148,7 @@ def check_prices(ohlc: np.ndarray, problems: Problems, rows: np.ndarray | None =
 
 
 def label_codes(values: list, problems: Problems) -> np.ndarray:
-    """Label strings -> int codes (0 consolidation, 1 retracement, -1 null); unknowns reported."""
+    """Label strings -> int codes (0 consolidation, 1 retracement, -1 null, -2 unknown: reported)."""
     lookup = {name: code for code, name in enumerate(LABELS)}
     codes = np.full(len(values), -1, dtype=np.int64)
     bad_rows, bad_values = [], []
@@ -159,6 +159,7 @@ def label_codes(values: list, problems: Problems) -> np.ndarray:
         if code is None:
             bad_rows.append(row)
             bad_values.append(repr(value))
+            codes[row] = -2
         else:
             codes[row] = code
     problems.add(f"unknown label (expected {' or '.join(LABELS)})", bad_rows, bad_values)
@@ -186,7 +187,7 @@ def int_column(values, name: str, problems: Problems) -> np.ndarray:
 def check_labels(codes: np.ndarray, start: np.ndarray, end: np.ndarray, problems: Problems,
                  start_null: np.ndarray, end_null: np.ndarray) -> None:
     """Expansion bounds: both set on labeled rows, none on unlabeled, 0 <= start <= end <= 104."""
-    labeled = codes >= 0
+    labeled = codes != -1                      # an unknown label is reported by label_codes
     problems.add_mask("a label but no expansion_start/expansion_end",
                       labeled & (start_null | end_null))
     problems.add_mask("expansion_start/expansion_end but no label",
@@ -328,10 +329,13 @@ def validate(ws: WindowSet, source: str) -> None:
         t.column("group_id").fill_null("").to_numpy(zero_copy_only=False) == "", dtype=bool))
     label = ws.column("label")
     start_col, end_col = t.column("expansion_start"), t.column("expansion_end")
-    problems.add_mask("label other than 0 or 1", label > 1)
+    label_null = np.asarray(t.column("label").is_null(), dtype=bool)
+    problems.add_mask("label other than 0 or 1", ~label_null & ((label < 0) | (label > 1)))
+    label = np.where(label_null, -1, np.maximum(label, 0))
     check_labels(label, ws.column("expansion_start"), ws.column("expansion_end"), problems,
                  np.asarray(start_col.is_null()), np.asarray(end_col.is_null()))
     starts = ws.column("bar_index")
+    problems.add_mask("negative bar_index", ~np.asarray(t.column("bar_index").is_null()) & (starts < 0))
     inline_null = np.asarray(t.column("ohlc").is_null())
     problems.add_mask("neither bar_index nor ohlc", (starts < 0) & inline_null)
     if ws.bars is not None:
