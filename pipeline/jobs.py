@@ -167,8 +167,8 @@ class JobsClient:
     def _unreachable(self, exc: Exception) -> str:
         kind = type(exc).__name__
         return (f"cannot reach the Ray job server at {self.address} ({kind}); check the address, "
-                "that the cluster is up and that the dashboard port is reachable (an SSH tunnel "
-                "works for remote clusters)")
+                "that the cluster is up and that its dashboard port (8265 by default; not the GCS "
+                "port 6379) is reachable; an SSH tunnel works for remote clusters")
 
     def _auth_message(self, status: int) -> str:
         if status == 401 or not self._token:
@@ -178,7 +178,7 @@ class JobsClient:
                 "--token / RAY_AUTH_TOKEN")
 
     @contextlib.contextmanager
-    def _errors(self, job_id: str | None = None):
+    def _errors(self, job_id: str | None = None, following: bool = False):
         """Turn what Ray's client raises into one clear UserError."""
         import aiohttp
         import requests
@@ -189,6 +189,8 @@ class JobsClient:
         except AuthenticationError as exc:
             raise UserError(self._auth_message(401 if "required" in str(exc) else 403)) from None
         except (requests.RequestException, ConnectionError, aiohttp.ClientError) as exc:
+            if following:
+                raise UserError(self._lost(job_id)) from None
             raise UserError(self._unreachable(exc)) from None
         except RuntimeError as exc:
             text = str(exc)
@@ -196,10 +198,14 @@ class JobsClient:
                 raise UserError(f"no job {job_id!r} on {self.address}: `moola-pipeline list` shows "
                                 "the cluster's jobs") from None
             if "closed unexpectedly" in text or "WebSocket" in text:
-                raise UserError(f"lost the connection to {self.address}"
-                                + (f" while following job {job_id}" if job_id else "")
-                                + "; the job keeps running on the cluster") from None
+                raise UserError(self._lost(job_id)) from None
             raise
+
+    def _lost(self, job_id: str | None) -> str:
+        return (f"lost the connection to {self.address}"
+                + (f" while following job {job_id}" if job_id else "")
+                + "; the job keeps running on the cluster (`moola-pipeline logs --follow` again "
+                "to resume watching)")
 
     # --- the five operations -------------------------------------------------------------
 
@@ -247,7 +253,7 @@ class JobsClient:
         stream = self._client.tail_job_logs(job_id)
         try:
             while True:
-                with self._errors(job_id):
+                with self._errors(job_id, following=True):
                     try:
                         chunk = loop.run_until_complete(stream.__anext__())
                     except StopAsyncIteration:
