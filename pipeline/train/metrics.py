@@ -86,6 +86,8 @@ class TaskMetrics:
         start = batch["expansion_start"].to(self.device).long()
         end = batch["expansion_end"].to(self.device).long()
         window = (label >= 0) & (start >= 0)  # [B]
+        outputs = {k: v.to(self.device) if torch.is_tensor(v) else v  # no-op when already there
+                   for k, v in outputs.items()}
         if "type" in self.tasks and "type_logits" in outputs:
             self._update_type(outputs["type_logits"], label)
         if "pointer" in self.tasks and "pointers" in outputs:
