@@ -1,7 +1,7 @@
 """ShardLoader speed and memory, one core.
 
     .venv/bin/python bench/loader.py [--windows 100000] [--big 1000000] [--bars 1800000]
-                                     [--epochs 3] [--skip-big] [--skip-shard]
+                                     [--strides 52,4] [--epochs 3] [--skip-big] [--skip-shard]
 
 Prints a table:
 1. windows/s per core reading local shards into torch tensors (F=12, batch 1024, shuffled),
@@ -9,9 +9,10 @@ Prints a table:
    shuffled indices from an in-memory array: the gather alone, no Parquet). Goal >= 400,000/s.
 2. Peak RSS of one reader streaming a split of --big windows (~5 GB of features) and of a split
    ten times smaller: it must not grow with the split. Goal < 1 GB.
-3. Peak RSS and time of `moola-pipeline data shard` on --bars bars (default stride 52). Goal < 4 GB.
+3. Peak RSS and time of `moola-pipeline data shard` on --bars bars, cut with the default ingest
+   stride 52 and with stride 4 (13x more windows). Goal < 4 GB.
 
-Every measurement runs in a child process (RSS from that child's own getrusage), with pyarrow,
+Every measurement runs in a child process (peak RSS = that child's VmHWM), with pyarrow,
 torch and BLAS on one thread. Shards are written to a temporary directory and deleted after;
 the big split reuses one random block of rows so generating it costs only the write.
 """
@@ -48,6 +49,18 @@ def one_core() -> None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory since its exec (VmHWM).
+
+    Not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report at least
+    the RSS its parent (this bench, after writing a data set) had when it forked.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -162,17 +175,28 @@ def run_child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# `moola-pipeline data shard` as a user runs it, reporting its own peak RSS when it exits.
+SHARD_WRAPPER = """
+import atexit, runpy, sys
+sys.path.insert(0, {bench!r})
+from loader import peak_rss_mb
+atexit.register(lambda: print("PEAK_RSS_MB", peak_rss_mb(), file=sys.stderr, flush=True))
+sys.argv = ["moola-pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline.cli", run_name="__main__")
+"""
+
+
 def run_shard_command(windows: str, shards: str) -> tuple[float, float]:
-    """`moola-pipeline data shard` in a child; (peak RSS MB of that child, seconds)."""
+    """`moola-pipeline data shard` in a child; (its peak RSS in MB, seconds)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "data", "shard", "--in",
-                             windows, "--out", shards], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", SHARD_WRAPPER.format(bench=os.path.dirname(
+        os.path.abspath(__file__))), "data", "shard", "--in", windows, "--out", shards],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"data shard failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, seconds
+    if proc.returncode != 0:
+        raise RuntimeError(f"data shard failed: {proc.stderr[-2000:]}")
+    peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_MB")][-1]
+    return float(peak.split()[1]), seconds
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -182,7 +206,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=100_000, help="throughput split size")
     parser.add_argument("--big", type=int, default=1_000_000, help="big split for peak RSS")
     parser.add_argument("--bars", type=int, default=1_800_000, help="bars for data shard RSS")
-    parser.add_argument("--stride", type=int, default=52, help="window stride over the bars")
+    parser.add_argument("--strides", default="52,4",
+                        help="window strides over the bars, comma-separated (52: the ingest "
+                             "default; 4: 13x more windows, so memory must not follow them)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--skip-big", action="store_true")
     parser.add_argument("--skip-shard", action="store_true")
@@ -226,12 +252,15 @@ def main() -> None:
             rows.append(("  sha256 verify + stream time",
                          f"{s_big['verify_s']:.1f} s + {s_big['stream_s']:.1f} s", ""))
         if not args.skip_shard:
-            windows = os.path.join(tmp, "bars-windows")
-            n_windows = write_bars_dataset(windows, args.bars, args.stride)
-            rss, seconds = run_shard_command(windows, os.path.join(tmp, "bars-shards"))
-            rows.append((f"data shard, {args.bars:,} bars -> {n_windows:,} windows: peak RSS",
-                         f"{rss:,.0f} MB", "< 4,096 MB"))
-            rows.append(("data shard wall time", f"{seconds:.1f} s", ""))
+            for stride in map(int, args.strides.split(",")):
+                windows = os.path.join(tmp, f"bars-windows-{stride}")
+                n_windows = write_bars_dataset(windows, args.bars, stride)
+                shards = os.path.join(tmp, f"bars-shards-{stride}")
+                rss, seconds = run_shard_command(windows, shards)
+                shutil.rmtree(shards)
+                rows.append((f"data shard, {args.bars:,} bars -> {n_windows:,} windows: peak RSS",
+                             f"{rss:,.0f} MB", "< 4,096 MB"))
+                rows.append(("  wall time", f"{seconds:.1f} s", ""))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
