@@ -1,11 +1,12 @@
 """A real single-node Ray cluster (`ray start --head`) with token auth, for development and tests.
 
 `start_ray_head(num_cpus=4)` runs `ray start --head` with token authentication on, the dashboard
-(and so the job server) bound to loopback, free ports for everything Ray would otherwise put on a
-fixed default (GCS 6379, dashboard 8265, client server 10001, dashboard agent 52365: several
-clusters share this machine, and a second head whose agent cannot bind 52365 answers every job
-submission with HTTP 500 "No available agent"), its own short `--temp-dir`, and waits until the job server answers an authenticated
-request. `RayHead.stop()` ends exactly this cluster's processes.
+(and so the job server) bound to loopback, its own short `--temp-dir`, and free ports for
+everything Ray would otherwise put on a fixed default (GCS 6379, dashboard 8265, client server
+10001, dashboard agent 52365): several clusters share this machine, and a head whose agent cannot
+bind 52365 answers every job submission with HTTP 500 "No available agent". It returns when the
+job server answers an authenticated request and the agent listens. `RayHead.stop()` ends exactly
+this cluster's processes.
 
 Why not `ray stop`: it kills every Ray process on the machine, including other people's
 clusters. Instead we find this cluster's processes by what only they have: our random token in
