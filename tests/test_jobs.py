@@ -104,6 +104,8 @@ def test_submit_a_real_train_run_to_the_token_auth_cluster(ray_cluster, tmp_path
                 "--epochs", "1", "--batch-size", "8", timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"run: {out}" in proc.stdout and "SUCCEEDED" in proc.stderr
+    status = _cli(ray_cluster, "status", _job_id(proc), "--address", ray_cluster.dashboard_url)
+    assert status.returncode == 0 and f"run: {out}" in status.stdout, status.stdout + status.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 0
     assert set(records[0]["span"]) >= {"f1", "window_f1", "prob_separation"}
