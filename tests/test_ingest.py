@@ -228,3 +228,21 @@ def test_reading_a_damaged_canonical_data_set_names_the_rows(tmp_path):
     assert "label other than 0 or 1: row 2" in msg
     assert "expansion_start/expansion_end but no label: row 4" in msg
     assert "bar_index outside" in msg and "row 5" in msg
+
+
+def test_raw_nq_parquet_with_a_pandas_datetime_index(tmp_path):
+    """moola's raw NQ file: pandas DatetimeIndex (tz-naive UTC) plus columns we do not use."""
+    import pandas as pd  # pandas (a Ray dependency) writes the file; the pipeline needs none
+    syn = synth.synthesize(3, 4)
+    frame = pd.DataFrame({"rtype": 33, "open": syn.ohlc[:, 0], "high": syn.ohlc[:, 1],
+                          "low": syn.ohlc[:, 2], "close": syn.ohlc[:, 3], "volume": 7,
+                          "symbol": "NQ.v.0"},
+                         index=pd.DatetimeIndex(syn.timestamps, name="ts_event"))
+    frame.to_parquet(tmp_path / "nq.parquet")
+    proc = run_cli("data", "ingest", "--format", "bars", "--in", tmp_path / "nq.parquet",
+                   "--out", tmp_path / "w", "--stride", "105")
+    assert proc.returncode == 0, proc.stderr
+    assert "ignored columns: rtype, symbol" in proc.stdout
+    assert "timestamp from the pandas index 'ts_event'" in proc.stdout
+    ws = schema.read_dataset(str(tmp_path / "w"))
+    assert ws.bars.equals(syn.windows.bars)

@@ -131,4 +131,5 @@ def ingest(fmt: str, in_uri: str, out: str, labels_uri: str | None, stride: int 
                                         ingest_lib.DEFAULT_STRIDE if stride is None else stride)
     schema.write_dataset(out, result.windows, source=result.source)
     extra = f" (ignored columns: {', '.join(result.ignored_columns)})" if result.ignored_columns else ""
+    extra += "".join(f"; {note}" for note in result.notes)
     _summary(result.windows, out, extra)

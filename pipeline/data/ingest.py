@@ -50,6 +50,7 @@ class Ingested:
     windows: schema.WindowSet
     source: dict
     ignored_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)          # said in the summary
 
 
 class Quoted:
@@ -189,10 +190,56 @@ def _ignored(names, required, optional) -> list[str]:
 
 # --- bars + labels ---------------------------------------------------------------------------
 
-def read_bars(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(timestamps int64 us UTC [N], ohlc float64 [N,4], ignored column names), fully checked."""
-    table = read_table(uri)
-    schema.require_columns(table.column_names, BARS_COLUMNS, uri, BARS_OPTIONAL)
+def _bars_parquet(uri: str) -> tuple[pa.Table, list[str], list[str]]:
+    """Only the bar columns of a Parquet file (a raw NQ file also has symbol, rtype, ...).
+
+    A file written by pandas with the time as its DatetimeIndex (moola's raw NQ file) keeps the
+    index as a column named after it; with no `timestamp` column, that index is the timestamp,
+    and the summary says so."""
+    file_schema = schema.read_parquet_schema(uri)
+    names = file_schema.names
+    notes: list[str] = []
+    rename = {}
+    if "timestamp" not in names:
+        index = _pandas_time_index(file_schema)
+        if index:
+            rename[index] = "timestamp"
+            notes.append(f"timestamp from the pandas index {index!r}")
+    wanted = [rename.get(n, n) for n in names]
+    schema.require_columns(wanted, BARS_COLUMNS, uri, BARS_OPTIONAL)
+    keep = [n for n in names if rename.get(n, n) in BARS_COLUMNS]
+    table = schema.read_parquet(uri, columns=keep)
+    table = table.rename_columns([rename.get(n, n) for n in table.column_names])
+    ignored = [n for n in names if rename.get(n, n) not in BARS_COLUMNS + BARS_OPTIONAL
+               and not n.startswith("__index_level_")]
+    return table, ignored, notes
+
+
+def _pandas_time_index(file_schema: pa.Schema) -> str | None:
+    import json
+
+    raw = (file_schema.metadata or {}).get(b"pandas")
+    if not raw:
+        return None
+    try:
+        index = json.loads(raw).get("index_columns", [])
+    except ValueError:
+        return None
+    if len(index) == 1 and isinstance(index[0], str) and index[0] in file_schema.names \
+            and pa.types.is_timestamp(file_schema.field(index[0]).type):
+        return index[0]
+    return None
+
+
+def read_bars(uri: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(timestamps int64 us UTC [N], ohlc float64 [N,4], ignored columns, notes), fully checked."""
+    notes: list[str] = []
+    if _is_parquet(uri):
+        table, ignored, notes = _bars_parquet(uri)
+    else:
+        table = read_table(uri)
+        schema.require_columns(table.column_names, BARS_COLUMNS, uri, BARS_OPTIONAL)
+        ignored = _ignored(table.column_names, BARS_COLUMNS, BARS_OPTIONAL)
     problems = Problems(uri)
     ts, null = timestamp_column(table.column("timestamp"), "timestamp", problems)
     columns = [number_column(table, c, problems) for c in schema.OHLC_COLUMNS]
@@ -203,12 +250,12 @@ def read_bars(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     schema.check_bar_times(ts, null, problems)
     schema.check_prices(ohlc[readable], problems, np.flatnonzero(readable))
     problems.raise_if_any()
-    return ts, ohlc, _ignored(table.column_names, BARS_COLUMNS, BARS_OPTIONAL)
+    return ts, ohlc, ignored, notes
 
 
 def ingest_bars(bars_uri: str, labels_uri: str | None = None,
                 stride: int = DEFAULT_STRIDE) -> Ingested:
-    ts, ohlc, ignored = read_bars(bars_uri)
+    ts, ohlc, ignored, notes = read_bars(bars_uri)
     n_bars = len(ts)
     bars = schema.bars_table(ts, ohlc)
     source = {"format": "bars", "bars": bars_uri, "labels": labels_uri, "bars_count": n_bars}
@@ -219,7 +266,7 @@ def ingest_bars(bars_uri: str, labels_uri: str | None = None,
         ids = [f"bars-{s:09d}" for s in starts]
         windows = schema.windows_table(ids, ids, t0=_t0(ts, starts), bar_index=starts)
         source["stride"] = stride
-        return Ingested(schema.WindowSet(windows, bars, {}), source, ignored)
+        return Ingested(schema.WindowSet(windows, bars, {}), source, ignored, notes)
     table = read_table(labels_uri)
     schema.require_columns(table.column_names, LABELS_COLUMNS, labels_uri, LABELS_OPTIONAL)
     problems = Problems(labels_uri)
@@ -242,7 +289,7 @@ def ingest_bars(bars_uri: str, labels_uri: str | None = None,
     windows = schema.windows_table(ids, groups, t0=_t0(ts, starts), bar_index=starts,
                                    label=codes, expansion_start=s, expansion_end=e)
     ignored += [f"{c} (labels)" for c in _ignored(table.column_names, LABELS_COLUMNS, LABELS_OPTIONAL)]
-    return Ingested(schema.WindowSet(windows, bars, {}), source, ignored)
+    return Ingested(schema.WindowSet(windows, bars, {}), source, ignored, notes)
 
 
 def _t0(ts: np.ndarray, starts: np.ndarray) -> pa.Array:

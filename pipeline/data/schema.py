@@ -381,13 +381,23 @@ def write_dataset(out: str, ws: WindowSet, *, source: dict, seed: int | None = N
     _write_parquet(windows_uri, windows)
 
 
-def read_parquet(uri: str) -> pa.Table:
-    """A whole Parquet file; a missing or unreadable file is a UserError naming it."""
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file (all columns or `columns`); a missing or unreadable file is a UserError."""
     if not storage.exists(uri):
         raise UserError(f"{uri}: not found")
     try:
         with storage.user_errors(uri):
-            return pq.read_table(storage.open_input(uri))
+            return pq.read_table(storage.open_input(uri), columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        raise UserError(f"{uri}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def read_parquet_schema(uri: str) -> pa.Schema:
+    if not storage.exists(uri):
+        raise UserError(f"{uri}: not found")
+    try:
+        with storage.user_errors(uri):
+            return pq.read_schema(storage.open_input(uri))
     except (pa.ArrowInvalid, pa.ArrowException) as exc:
         raise UserError(f"{uri}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
 
