@@ -97,7 +97,7 @@ def up(gpus, gpu_type, nodes, mode, image, volume, template, dry_run, wait_timeo
     records.add(path, resource)
     click.echo(f"created {mode} {resource.id} ({name}); recorded in {path}")
     if no_wait:
-        click.echo(f"not waiting; `moola-pipeline runpod status` shows when it is ready")
+        click.echo("not waiting; `moola-pipeline runpod status` shows when it is ready")
         return
     resource.address = _wait_ready(api, resource, wait_timeout)
     records.add(path, resource)
@@ -174,8 +174,10 @@ def status(record):
             running = sum(_rest_pod_running(p) for p in pods)
             state = "gone" if cluster is None else f"{running}/{r.nodes} nodes running"
         head = "-"
-        if r.address and state != "gone":
-            reason = readiness.probe_ray_head(r.address, token) if token else "RAY_AUTH_TOKEN not set"
+        if r.address and state != "gone" and not token:
+            head = "unknown (RAY_AUTH_TOKEN not set)"
+        elif r.address and state != "gone":
+            reason = readiness.probe_ray_head(r.address, token)
             head = "answering" if reason is None else f"not answering: {reason}"
         click.echo(f"{r.kind} {r.id} {r.name}: {state}; {r.nodes} node(s) x {r.gpus} {r.gpu_type}; "
                    f"ray head: {head}" + (f" at {r.address}" if r.address else ""))
