@@ -118,7 +118,7 @@ def shard_dataset(in_uri: str, out_uri: str, *, feature_set: str = "relativity12
         bar_state = (bar_ohlc, bar_feat, bar_valid)
         progress("features (bars)", ws.bars.num_rows, ws.bars.num_rows)
 
-    source = {"uri": in_uri, **{k: v for k, v in ws.meta.items() if k != "seed"}}
+    source = {"uri": in_uri, **(ws.meta.get("source") or {})}  # where the windows came from
     extra = {"feature_set": feature_set, "split_policy": report.to_dict(), "source": source,
              "seed": ws.meta.get("seed"), "leakage": leak.to_dict(),
              "excluded": {"embargo": report.embargoed}, "split_summary": report.summary()}
