@@ -114,17 +114,19 @@ def parent(uri: str) -> str:
 def _describe_os_error(uri: str, exc: BaseException) -> str:
     text = str(exc)
     low = text.lower()
+    squashed = low.replace("_", "").replace(" ", "")  # ACCESS_DENIED, AccessDenied, ...
+
     if isinstance(exc, FileNotFoundError) or "path does not exist" in low or "no such file" in low:
         return f"{uri}: not found"
     if isinstance(exc, PermissionError) and not is_s3(uri):
         return f"{uri}: permission denied"
     if is_s3(uri):
         endpoint = s3_endpoint() or "the default AWS endpoint"
-        if "access_denied" in low or "accessdenied" in low or "invalidaccesskeyid" in low \
-                or "signaturedoesnotmatch" in low or "forbidden" in low or "403" in low:
+        if any(m in squashed for m in ("accessdenied", "invalidaccesskeyid", "forbidden",
+                                       "signaturedoesnotmatch", "403")):
             return (f"{uri}: access denied by {endpoint}; check AWS_ACCESS_KEY_ID and "
                     f"AWS_SECRET_ACCESS_KEY")
-        if "nosuchbucket" in low or "no_such_bucket" in low or "bucket does not exist" in low:
+        if "nosuchbucket" in squashed or "bucketdoesnotexist" in squashed:
             return f"{uri}: the bucket does not exist at {endpoint}"
         if "network" in low or "connect" in low or "timeout" in low or "curl" in low \
                 or "resolve" in low:
