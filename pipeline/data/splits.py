@@ -198,7 +198,7 @@ def check_leakage(split, group_id, bar_index=None, t0=None, window: int = WINDOW
     for g, s in zip(groups[in_split], split[in_split]):
         if seen.setdefault(g, s) != s:
             shared.append(g)
-    shared = sorted(set(shared))
+    shared = sorted({str(g) for g in shared})  # plain str: messages show 'g0', not np.str_
     examples = [f"group {g!r} is in more than one split" for g in shared[:5]]
     pairs = 0
     pos, _ = _positions(t0, bar_index)
