@@ -166,3 +166,21 @@ def test_resume_mid_epoch_continues_at_the_right_epoch_and_batch(tmp_path, shard
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.s3
+def test_local_mode_run_and_resume_on_s3(s3_env, shards, small_yaml):
+    """OUT on a real S3 server: records, config and checkpoints land there; --resume reads them."""
+    out = f"{s3_env.uri}/runs/r1"
+    proc = run_cli("train", "--workers", "0", "--data", shards, "--out", out, "--config",
+                   small_yaml, "--epochs", "1", "--batch-size", "8", env=s3_env.env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = s3_env.keys()
+    assert "runs/r1/config.yaml" in keys and "runs/r1/metrics.jsonl" in keys
+    assert "runs/r1/checkpoint_e0001_s00000006/state.pt" in keys
+    proc = run_cli("train", "--out", out, "--resume", "--epochs", "2", env=s3_env.env,
+                   timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1] and records[1]["step"] == 12
+    assert "runs/r1/checkpoint_e0002_s00000012/state.pt" in s3_env.keys()
