@@ -1,7 +1,7 @@
 """Two "machines" on one host: infra/bootstrap.sh run for real in two network namespaces, with the
 variables a RunPod Instant Cluster sets, forms a 2-node Ray cluster with token auth; a member
-whose head never appears fails within its bound; a 2-worker CPU training run spans both nodes
-and checkpoints to a SeaweedFS S3 bucket."""
+whose head never appears fails within its bound; a 2-worker CPU training run, submitted to the
+cluster's job server from outside, spans both nodes and checkpoints to a SeaweedFS S3 bucket."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,15 +168,20 @@ def test_two_worker_training_spans_both_nodes_and_checkpoints_to_s3(two_node_clu
     config = c.tmp / "run.yaml"
     config.write_text("model:\n  hidden: 16\n  head_width: 16\n")
 
-    # The driver runs on the head node, like a job submitted there; the token and S3 settings
-    # come from the environment bootstrap gives every node.
-    env = node_env(c.net, head, 0, c.token, **c.s3_env)
-    proc = c.net.run(head, [str(Path(VENV_BIN) / "moola-pipeline"), "train",
-                            "--data", f"s3://{bucket}/shards", "--out", f"s3://{bucket}/runs/r1",
-                            "--config", str(config), "--workers", "2", "--epochs", "2",
-                            "--batch-size", "8", "--address", f"{head.addr}:6379"],
-                     env=env, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    # Submitted from outside the cluster (the root namespace plays the laptop), as the README's
+    # `runpod up` -> `submit` flow does: only the token and the S3 endpoint come from here; the
+    # nodes read their S3 keys from the environment bootstrap gave them.
+    laptop = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    laptop.update({"RAY_AUTH_TOKEN": c.token, "AWS_ENDPOINT_URL": c.s3_env["AWS_ENDPOINT_URL"],
+                   "AWS_ENDPOINT_URL_S3": c.s3_env["AWS_ENDPOINT_URL"]})
+    proc = subprocess.run(
+        [str(Path(VENV_BIN) / "moola-pipeline"), "submit", "--address", f"http://{head.addr}:8265",
+         "--no-working-dir", "--follow", "--",
+         "--data", f"s3://{bucket}/shards", "--out", f"s3://{bucket}/runs/r1",
+         "--config", str(config), "--workers", "2", "--epochs", "2", "--batch-size", "8"],
+        env=laptop, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "SUCCEEDED" in proc.stdout + proc.stderr
 
     keys = [o["Key"] for o in s3_server.boto3_client().list_objects_v2(
         Bucket=bucket, Prefix="runs/r1/").get("Contents", [])]
