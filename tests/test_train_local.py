@@ -184,3 +184,30 @@ def test_local_mode_run_and_resume_on_s3(s3_env, shards, small_yaml):
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1] and records[1]["step"] == 12
     assert "runs/r1/checkpoint_e0002_s00000012/state.pt" in s3_env.keys()
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_says_where(tmp_path, shards):
+    # lr is constant, so with mode max it never improves after epoch 0: patience 2 stops the
+    # run after epoch 2 of 10, and the best checkpoint is the one written after epoch 0.
+    cfg = tmp_path / "es.yaml"
+    cfg.write_text(SMALL_MODEL + "train:\n  best_metric: lr\n  best_mode: max\n"
+                   "  early_stop_patience: 2\n  keep_checkpoints: 1\n")
+    out = tmp_path / "run"
+    proc = train("--data", shards, "--out", out, "--config", cfg, "--epochs", "10",
+                 "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr
+    records = read_metrics(str(out))
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert all(r["best_epoch"] == 0 for r in records)
+    assert "early stopping" in proc.stdout + proc.stderr
+    best = out / "checkpoint_e0001_s00000006"
+    assert best.is_dir(), checkpoint_dirs(str(out))      # kept though keep_checkpoints is 1
+    assert f"best checkpoint (epoch 1): {best}" in proc.stdout
+    assert str(out / "report.html") in proc.stdout
+
+
+def test_unknown_best_metric_is_refused_before_training(tmp_path, shards):
+    out = tmp_path / "run"
+    proc = train("--data", shards, "--out", out, "--best-metric", "span.f2")
+    assert_user_error(proc, "span.f2", "span.f1", "--best-metric")
+    assert not out.exists()

@@ -85,7 +85,27 @@ def preflight(cfg: TrainConfig) -> dict:
     model_cfg = JadeConfig(n_features=len(manifest["features"]), **asdict(cfg.model))
     loss_cfg = LossConfig(**asdict(cfg.loss))
     build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
+    check_best_metric(cfg.train.best_metric, model_cfg.tasks, model_cfg.num_classes)
     return manifest
+
+
+def record_metric_keys(tasks, num_classes: int) -> set[str]:
+    """The numeric keys (dotted) every metrics.jsonl record will have, known before training."""
+    from pipeline.train.metrics import TaskMetrics
+    keys = {"val_loss", "step", "samples_per_s", "epoch_time_s", "lr",
+            "grad_ratio_countdown_pointer"}
+    keys |= {f"{group}.{t}" for group in ("train", "val", "weights", "log_vars", "grad_norm",
+                                           "grad_share") for t in tasks}
+    for task, values in TaskMetrics(tasks, num_classes=num_classes).compute().items():
+        keys |= {f"{task}.{k}" for k, v in values.items() if not isinstance(v, list)}
+    return keys
+
+
+def check_best_metric(name: str, tasks, num_classes: int) -> None:
+    keys = record_metric_keys(tasks, num_classes)
+    if name not in keys:
+        raise UserError(f"train.best_metric (--best-metric) {name!r} is not a metrics key; "
+                        f"choose one of: {', '.join(sorted(keys))}")
 
 
 def write_run_files(cfg: TrainConfig) -> None:
