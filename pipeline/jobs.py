@@ -199,6 +199,10 @@ class JobsClient:
                                 "the cluster's jobs") from None
             if "closed unexpectedly" in text or "WebSocket" in text:
                 raise UserError(self._lost(job_id)) from None
+            if text.startswith("Request failed with status code"):
+                # the job server said no (bad runtime_env, package too large, ...): its words
+                raise UserError(f"the job server at {self.address} refused the request: "
+                                f"{text.splitlines()[0][:500]}") from None
             raise
 
     def _lost(self, job_id: str | None) -> str:
@@ -224,19 +228,20 @@ class JobsClient:
         # A head that has just started answers 500 "No available agent" until its dashboard
         # agent registers: that is worth waiting for, as the server itself suggests.
         deadline = time.monotonic() + AGENT_WAIT_S
-        while True:
-            try:
-                with self._errors():
+        with self._errors():
+            while True:
+                try:
                     return self._client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                                    metadata=metadata, submission_id=submission_id)
-            except RuntimeError as exc:
-                if "No available agent" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise UserError(f"the Ray cluster at {self.address} has no job agent ready "
-                                    f"after {AGENT_WAIT_S:.0f} s; check the head node's "
-                                    "dashboard_agent log") from None
-                time.sleep(2)
+                except ValueError as exc:  # the packaged working_dir is too large, mostly
+                    raise UserError(f"--working-dir {working_dir}: {str(exc).splitlines()[0]}") from None
+                except RuntimeError as exc:
+                    if submission_id and "already exists" in str(exc):
+                        raise UserError(f"--job-id {submission_id}: a job with this id already "
+                                        f"exists on {self.address}; pick another id") from None
+                    if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(2)
 
     def info(self, job_id: str) -> JobSummary:
         with self._errors(job_id):

@@ -130,10 +130,17 @@ def test_failed_job_is_reported_with_non_zero_exit(ray_cluster):
     assert "about to fail" not in status.stderr
 
 
-def test_stop_a_running_job(ray_cluster):
+def test_stop_a_running_job_and_refuse_a_reused_job_id(ray_cluster):
+    import uuid
+
+    job_id = f"moola-test-{uuid.uuid4().hex[:8]}"
+    sleeper = _python("import time; print('started', flush=True); time.sleep(300)")
     proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--no-working-dir",
-                "--entrypoint", _python("import time; print('started', flush=True); time.sleep(300)"))
-    job_id = _job_id(proc)
+                "--job-id", job_id, "--entrypoint", sleeper)
+    assert _job_id(proc) == job_id
+    again = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--no-working-dir",
+                 "--job-id", job_id, "--entrypoint", sleeper)
+    assert_user_error(again, f"--job-id {job_id}", "already exists")
     stopped = _cli(ray_cluster, "stop", job_id, "--address", ray_cluster.dashboard_url)
     assert stopped.returncode == 0, stopped.stderr
     assert f"{job_id}: STOPPED" in stopped.stdout
