@@ -228,3 +228,32 @@ def test_compute_all_reduces_over_the_process_group(tmp_path):
         _assert_same(results[0], expected)
         _assert_same(results[1], expected)
     assert not math.isnan(expected["span"]["f1"])
+
+
+def test_update_asks_the_host_nothing(monkeypatch):
+    """The per-step path must not sync with the device: no .item()/bool()/float(), no
+    data-dependent shapes (boolean indexing, nonzero). On CPU a sync is invisible, so the
+    Python-level ways to cause one are made to fail instead."""
+    outputs, batch = _random_case(8, seed=3)
+    m = TaskMetrics()
+
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} in update(): a host sync per step")
+        return method
+
+    original_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("boolean-mask indexing in update(): a host sync per step")
+        return original_getitem(self, index)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem)
+    m.update(outputs, batch)
+    m.update(outputs, batch)
+    monkeypatch.undo()
+    assert m.compute()["type"]["samples"] == 2 * int((batch["label"] >= 0).sum())
