@@ -252,4 +252,5 @@ def _wait_for_job_server(head: RayHead, deadline: float) -> None:
         except (requests.RequestException, OSError, ValueError) as exc:
             last = repr(exc)
         time.sleep(0.5)
-    raise RuntimeError(f"Ray job server at {head.dashboard_url} did not come up: {last}")
+    raise RuntimeError(f"Ray job server at {head.dashboard_url} did not come up: {last} "
+                       f"(logs kept in {head.log_dir()})")
