@@ -73,3 +73,13 @@ def test_wrong_cluster_address_is_a_user_error(tmp_path):
                    "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "4", timeout=120)
     assert_user_error(proc, "--address 127.0.0.1:1")
     assert not (tmp_path / "run").exists()
+
+
+def test_wrong_token_is_a_user_error(tmp_path, ray_cluster):
+    shards = make_shards(tmp_path / "s", n_train=8, n_val=4)
+    env = {**ray_cluster.env(), "RAY_AUTH_TOKEN": "x" * 32}
+    proc = run_cli("train", "--address", ray_cluster.address, "--workers", "1", "--data", shards,
+                   "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "4", env=env,
+                   timeout=180)
+    assert_user_error(proc, f"--address {ray_cluster.address}", "RAY_AUTH_TOKEN")
+    assert not (tmp_path / "run").exists()
