@@ -9,9 +9,11 @@ job server answers an authenticated request and the agent listens. `RayHead.stop
 this cluster's processes.
 
 Why not `ray stop`: it kills every Ray process on the machine, including other people's
-clusters. Instead we find this cluster's processes by what only they have: our random token in
-their environment (every daemon, worker and job entrypoint inherits it from `ray start`) or our
-temp dir on their command line, plus their descendants. We SIGTERM that set and SIGKILL what is
+clusters. Instead we find this cluster's processes by what only they have: a random cluster id
+in their environment (`MOOLA_RAY_CLUSTER_ID`: every daemon, worker and job entrypoint inherits it
+from `ray start`, and unlike the token it is never exported to a user's shell, so `stack down`
+run from a shell holding the token does not signal that shell) or our temp dir on their command
+line, plus their descendants. We SIGTERM that set and SIGKILL what is
 left after a grace period.
 
 Ray resolves a loopback `--node-ip-address` to the machine's address (services.py
@@ -37,6 +39,7 @@ from pipeline.errors import UserError
 
 STARTUP_TIMEOUT_S = 120.0
 STOP_GRACE_S = 2.0  # gcs_server, raylet and the monitor ignore SIGTERM here; tests flush nothing
+CLUSTER_ID_VAR = "MOOLA_RAY_CLUSTER_ID"
 OBJECT_STORE_BYTES = 256 * 1024**2  # tests move checkpoints through files, not the object store
 
 
@@ -75,6 +78,7 @@ class RayHead:
     temp_dir: Path
     num_cpus: int
     client_port: int
+    cluster_id: str = ""  # MOOLA_RAY_CLUSTER_ID in the environment of the cluster's processes
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -104,7 +108,9 @@ class RayHead:
                 if proc.pid == os.getpid():
                     continue
                 names_us = any(temp in arg for arg in (proc.info["cmdline"] or []))
-                if names_us or proc.environ().get("RAY_AUTH_TOKEN") == self.token:
+                marked = bool(self.cluster_id) and \
+                    proc.environ().get(CLUSTER_ID_VAR) == self.cluster_id
+                if names_us or marked:
                     roots[proc.pid] = proc
             except psutil.Error:
                 continue
@@ -188,7 +194,9 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
 
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    cluster_id = secrets.token_hex(8)
     env.update({
+        CLUSTER_ID_VAR: cluster_id,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -215,7 +223,8 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     head = RayHead(gcs_address="", dashboard_url=f"http://127.0.0.1:{dashboard_port}", token=token,
-                   temp_dir=temp_dir, num_cpus=num_cpus, client_port=client_port)
+                   temp_dir=temp_dir, num_cpus=num_cpus, client_port=client_port,
+                   cluster_id=cluster_id)
     atexit.register(head.stop)  # a crashed test session still leaves no cluster behind
     try:
         rc = proc.wait(timeout=timeout_s)
