@@ -22,7 +22,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 def build_weighting(name: str, tasks, options: dict | None = None) -> Weighting:
     """The strategy `name` for `tasks`; bad names or options are UserErrors naming the flag."""
     if name not in WEIGHTINGS:
-        raise UserError(f"unknown weighting {name!r} (loss.weighting / --weighting): choose "
+        raise UserError(f"unknown weighting {name!r} (--balance / loss.weighting): choose "
                         f"one of {', '.join(WEIGHTINGS)}")
     cls = WEIGHTINGS[name]
     options = dict(options or {})
