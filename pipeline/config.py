@@ -69,7 +69,9 @@ class TrainSection:
     best_metric: str = "val_loss"     # a key of the metrics record; dotted for nested keys
     best_mode: str = "min"            # "min" or "max"
     early_stop_patience: int = 0      # epochs without improvement before stopping; 0 = never
-    probe_every: int = 10             # GradientProbe period in steps
+    # Per-task gradient norms cost ~one extra backward per task; the record needs one reading
+    # per epoch (its last batch). N > 0 also measures every N steps.
+    probe_every: int = 0
 
 
 @dataclass
@@ -122,11 +124,10 @@ class TrainConfig:
             raise UserError(f"train.best_mode must be 'min' or 'max', got {t.best_mode!r}")
         if t.scheduler not in ("constant", "cosine"):
             raise UserError(f"train.scheduler must be 'constant' or 'cosine', got {t.scheduler!r}")
-        for key in ("checkpoint_every_steps", "early_stop_patience", "grad_clip"):
+        for key in ("checkpoint_every_steps", "early_stop_patience", "grad_clip", "probe_every"):
             if getattr(t, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
         _positive("train.keep_checkpoints", t.keep_checkpoints)
-        _positive("train.probe_every", t.probe_every)
         unknown = [x for x in m.tasks if x not in TASKS]
         if unknown or not m.tasks:
             raise UserError(f"model.tasks {list(m.tasks)}: choose one or more of {list(TASKS)}")

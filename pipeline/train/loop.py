@@ -70,7 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     multitask = MultiTaskModel(JadeCompact(model_cfg), weighting, loss_cfg).to(device)
     optimizer = torch.optim.AdamW(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr))
     scheduler = _scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
-    probe = GradientProbe(every=t.probe_every)
+    probe = GradientProbe()  # measured by hand below: at each epoch's last batch (+ every N)
 
     # Resume: Ray hands back the latest reported checkpoint after a failure or for a run
     # restarted by name; local mode gets it from the driver (Ray keeps none on disk there).
@@ -134,15 +134,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # ---- train ----------------------------------------------------------------------
         model.train()
         started, started_at = time.perf_counter(), time.time()
-        loss_sums, batches, samples = torch.zeros(len(model_cfg.tasks), dtype=torch.float64), 0, 0
+        # Sums stay on the device (no host sync per step) until the epoch's one all-reduce.
+        loss_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64, device=device)
+        batches, samples = 0, 0
         if partial is not None and rank == 0:  # resumed mid-epoch: count the batches before
             n = len(model_cfg.tasks)              # the checkpoint (global sums, held by rank 0)
-            loss_sums, batches, samples = partial[:n].clone(), int(partial[n]), int(partial[n + 1])
+            loss_sums = partial[:n].to(device)
+            batches, samples = int(partial[n]), int(partial[n + 1])
         partial = None
         for batch in train_loader:  # resumes mid-epoch: the loader skips consumed batches
             batch = rank_slice(batch, rank, world, device)
             total, losses, _ = model(batch)
-            probe.step(model, losses)
+            last_batch = train_loader.state_dict()["batches_consumed"] == steps_per_epoch
+            if last_batch or (t.probe_every and (step + 1) % t.probe_every == 0):
+                probe.measure(model, losses)  # before backward: it reuses this forward's graph
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if t.grad_clip > 0:
@@ -152,20 +157,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step += 1
             batches += 1
             samples += batch["label"].shape[0]
-            loss_sums += torch.stack([losses[k].detach().double().cpu() for k in model_cfg.tasks])
+            loss_sums += torch.stack([losses[k].detach().double() for k in model_cfg.tasks])
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 \
                     and train_loader.state_dict()["batches_consumed"] < steps_per_epoch:
-                sums = torch.cat([loss_sums, torch.tensor([batches, samples], dtype=torch.float64)])
+                sums = torch.cat([loss_sums, _f64([batches, samples], device)])
                 _all_reduce(sums)  # the epoch so far over all ranks, for an exact record later
                 save_and_report({"epoch": epoch, "step": step, score_attr: WORST[t.best_mode]},
-                                None, sums)
+                                None, sums.cpu())
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # kernels are queued; time what ran
         train_time = time.perf_counter() - started
 
         # ---- evaluate the val split on every rank -------------------------------------
         model.eval()
         metrics = TaskMetrics(model_cfg.tasks, num_classes=model_cfg.num_classes,
                               countdown_scale=loss_cfg.countdown_scale, device=device)
-        val_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64)
+        val_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64, device=device)
         val_batches = 0
         preds: list[dict] = []
         with torch.no_grad():
@@ -173,17 +180,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 batch = rank_slice(batch, rank, world, device)
                 _, losses, outputs = model(batch)
                 metrics.update(outputs, batch)
-                val_sums += torch.stack([losses[k].double().cpu() for k in model_cfg.tasks])
+                val_sums += torch.stack([losses[k].double() for k in model_cfg.tasks])
                 val_batches += 1
                 preds.append(_predictions(outputs, batch))
 
         # One collective for the loss sums and counts; element_mean values are rank-scaled
         # (local_sum * W / global_count), so their sum over ranks is W times the batch mean.
-        sums = torch.cat([loss_sums, val_sums,
-                          torch.tensor([batches, val_batches, samples], dtype=torch.float64)])
+        sums = torch.cat([loss_sums, val_sums, _f64([batches, val_batches, samples], device)])
         _all_reduce(sums)
+        sums = sums.cpu()
         n_tasks = len(model_cfg.tasks)
-        g_batches, g_val_batches, g_samples = (sums[2 * n_tasks:] / torch.tensor([world, world, 1])).tolist()
+        g_batches, g_val_batches, g_samples = (sums[2 * n_tasks:] / _f64([world, world, 1])).tolist()
         train_loss = {k: float(sums[i] / world / max(g_batches, 1))
                       for i, k in enumerate(model_cfg.tasks)}
         val_loss = {k: float(sums[n_tasks + i] / world / max(g_val_batches, 1))
@@ -211,15 +218,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         # Best checkpoint and early stopping: every rank decides the same from the same
         # all-reduced record, so no broadcast is needed.
-        score = _lookup(record, t.best_metric)
-        improved = best is None or (score < best["score"] if t.best_mode == "min"
-                                    else score > best["score"])
+        score = _lookup(record, t.best_metric)  # None: nothing to score this epoch
+        improved = score is not None and (best is None or (
+            score < best["score"] if t.best_mode == "min" else score > best["score"]))
         if improved:
             best, bad_epochs = {"score": score, "epoch": epoch - 1,
                                 "checkpoint": ckpt.checkpoint_name(epoch, step)}, 0
         else:
             bad_epochs += 1
-        record["best_epoch"] = best["epoch"]
+        record["best_epoch"] = best["epoch"] if best else None
         if improved:  # rank 0 keeps the whole val split's predictions of the best epoch
             gathered = _gather(preds, world)
             if rank == 0:
@@ -229,12 +236,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if sink is not None:
                 sink.on_epoch(record)
         stop = t.early_stop_patience and bad_epochs >= t.early_stop_patience
-        save_and_report({"epoch": epoch - 1, "step": step, score_attr: score}, record)
+        save_and_report({"epoch": epoch - 1, "step": step,
+                         score_attr: WORST[t.best_mode] if score is None else score}, record)
         if stop:
             if rank == 0:
-                print(f"early stopping after epoch {epoch - 1}: {t.best_metric} has not "
-                      f"improved for {bad_epochs} epochs (best {best['score']:.4g} at epoch "
-                      f"{best['epoch']})", flush=True)
+                best_text = (f"best {best['score']:.4g} at epoch {best['epoch'] + 1}" if best
+                             else "never scored")
+                print(f"early stopping after epoch {epoch}/{t.epochs}: {t.best_metric} has not "
+                      f"improved for {bad_epochs} epochs ({best_text})", flush=True)
             break
 
 
@@ -293,6 +302,10 @@ def _scheduler(optimizer, kind: str, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def _f64(values, device=None) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
 def _all_reduce(tensor: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -306,29 +319,15 @@ def _gather(obj, world: int) -> list:
     return [obj]
 
 
-def _lookup(record: dict, key: str) -> float:
+def _lookup(record: dict, key: str) -> float | None:
+    """The record's value at a dotted key (checked against the record's keys before training);
+    None when there was nothing to score (e.g. span F1 with no labeled val window)."""
     value = record
     for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            from pipeline.errors import UserError
-            raise UserError(f"train.best_metric {key!r} is not in the metrics record; use one "
-                            f"of: {', '.join(sorted(_flat_keys(record)))}")
-        value = value[part]
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or math.isnan(value):
-        from pipeline.errors import UserError
-        raise UserError(f"train.best_metric {key!r} is {value!r}, not a number")
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None or isinstance(value, bool) or math.isnan(float(value)):
+        return None
     return float(value)
-
-
-def _flat_keys(record: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in record.items():
-        if isinstance(v, dict):
-            keys += _flat_keys(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            keys.append(f"{prefix}{k}")
-    return keys
 
 
 def _predictions(outputs: dict, batch: dict) -> dict:
