@@ -2,7 +2,7 @@
 against a plain PyTorch loop on the same model, data, batch size and CPU threads, in one run;
 plus the time from command start to the first training step.
 
-    .venv/bin/python bench/train_overhead.py [--train 512] [--batch-size 32] [--epochs 4]
+    .venv/bin/python bench/train_overhead.py [--train 2048] [--batch-size 32] [--epochs 3]
                                              [--threads 2] [--hidden 96]
 
 The plain loop is the pipeline's own step without Ray: ShardLoader -> MultiTaskModel ->
@@ -69,15 +69,19 @@ def plain_loop(data: str, batch_size: int, epochs: int, threads: int, hidden: in
 
 
 def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int,
-                 hidden: int) -> tuple[list[dict], float, float]:
-    """(records, command start time, command wall seconds) of a 1-worker local Ray run."""
+                 hidden: int, workers: int = 1) -> tuple[list[dict], float, float]:
+    """(records, command start time, command wall seconds) of a local Ray run with `workers`
+    workers (0: Ray Train local mode, the same loop in the command's own process)."""
     cfg = Path(out + ".yaml")
     cfg.write_text(f"model:\n  hidden: {hidden}\ncluster:\n  cpus_per_worker: {threads}\n")
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--data", data, "--out", out,
-           "--config", str(cfg), "--workers", "1", "--epochs", str(epochs),
+           "--config", str(cfg), "--workers", str(workers), "--epochs", str(epochs),
            "--batch-size", str(batch_size), "--seed", "0"]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    env = dict(os.environ)
+    if workers == 0:  # in-process: give torch the same thread count the worker gets
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"pipeline run failed:\n{proc.stderr[-3000:]}")
@@ -87,9 +91,9 @@ def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=512)
+    ap.add_argument("--train", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--hidden", type=int, default=96)
     args = ap.parse_args()
@@ -100,6 +104,8 @@ def main() -> None:
         plain = plain_loop(data, args.batch_size, args.epochs, args.threads, args.hidden)
         records, t0, wall = pipeline_run(data, os.path.join(tmp, "run"), args.batch_size,
                                          args.epochs, args.threads, args.hidden)
+        local, _, _ = pipeline_run(data, os.path.join(tmp, "local"), args.batch_size,
+                                   args.epochs, args.threads, args.hidden, workers=0)
 
     steady = lambda xs: sum(xs[1:]) / len(xs[1:]) if len(xs) > 1 else xs[0]  # noqa: E731
     plain_sps = steady(plain)
@@ -113,6 +119,9 @@ def main() -> None:
           f"{', '.join(f'{x:.0f}' for x in plain)})")
     print(f"pipeline, 1 Ray worker    {pipe_sps:10.1f} samples/s  training phase  "
           f"ratio {pipe_sps / plain_sps:.2f}  (goal >= 0.9)")
+    local_sps = steady([r["samples_per_s"] for r in local])
+    print(f"pipeline, local mode      {local_sps:10.1f} samples/s  training phase, no Ray "
+          f"processes  ratio {local_sps / plain_sps:.2f}")
     print(f"pipeline, end to end      {e2e_sps:10.1f} samples/s  train+eval+checkpoint+record  "
           f"ratio {e2e_sps / plain_sps:.2f}")
     print(f"command start -> first step {starts[0] - t0:6.1f} s   (whole command {wall:.1f} s)")
