@@ -89,6 +89,20 @@ class ClusterSection:
 
 
 @dataclass
+class AlarmsSection:
+    """Balance-alarm thresholds, the fields of `pipeline.report.alarms.AlarmConfig` (same defaults;
+    a test keeps them equal). The log-variance clamp is not here: the alarm takes it from
+    loss.weighting_options.clamp, the bound the weighting really applies."""
+    starve_share: float = 0.05
+    starve_checks: int = 3
+    logvar_tolerance: float = 1e-3
+    logvar_limit: float = 6.0
+    logvar_epochs: int = 2
+    plateau_epochs: int = 5
+    plateau_min_delta: float = 0.01
+
+
+@dataclass
 class TrainConfig:
     data: str = ""
     out: str = ""
@@ -97,6 +111,7 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    alarms: AlarmsSection = field(default_factory=AlarmsSection)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -108,6 +123,8 @@ class TrainConfig:
             raise UserError("no data: pass --data URI (a shard directory with manifest.json)")
         if not self.out:
             raise UserError("no output: pass --out URI (the run directory)")
+        for flag, uri in (("--data", self.data), ("--out", self.out)):
+            _check_uri(flag, uri)
         _positive("train.epochs (--epochs)", t.epochs)
         _positive("train.batch_size (--batch-size)", t.batch_size)
         if t.lr <= 0:
@@ -135,7 +152,80 @@ class TrainConfig:
         unknown = [x for x in m.tasks if x not in TASKS]
         if unknown or not m.tasks:
             raise UserError(f"model.tasks {list(m.tasks)}: choose one or more of {list(TASKS)}")
+        self._validate_sizes()
         return self
+
+    def _validate_sizes(self) -> None:
+        """Sizes, rates and probabilities: a zero or negative one fails deep inside torch or
+        Ray otherwise, with a traceback instead of the key's name."""
+        t, c, m, lo, a = self.train, self.cluster, self.model, self.loss, self.alarms
+        for key in ("hidden", "num_layers", "head_width"):
+            _positive(f"model.{key}", getattr(m, key))
+        if m.num_classes < 2:
+            raise UserError(f"model.num_classes must be >= 2, got {m.num_classes}")
+        for key in ("input_dropout", "recurrent_dropout", "dense_dropout"):
+            _fraction(f"model.{key}", getattr(m, key))
+        if lo.countdown_scale not in ("unit", "raw"):
+            raise UserError(f"loss.countdown_scale must be 'unit' or 'raw', got {lo.countdown_scale!r}")
+        for key in ("span_pos_weight", "pointer_delta", "countdown_delta"):
+            _above_zero(f"loss.{key}", getattr(lo, key))
+        if t.weight_decay < 0:
+            raise UserError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        if t.weighting_lr is not None:
+            _above_zero("train.weighting_lr", t.weighting_lr)
+        if c.gpus_per_worker < 0:
+            raise UserError(f"cluster.gpus_per_worker (--gpus-per-worker) must be >= 0, "
+                            f"got {c.gpus_per_worker}")
+        _above_zero("cluster.cpus_per_worker", c.cpus_per_worker)
+        _fraction("alarms.starve_share", a.starve_share)
+        for key in ("starve_checks", "logvar_epochs", "plateau_epochs"):
+            _positive(f"alarms.{key}", getattr(a, key))
+        _above_zero("alarms.logvar_limit", a.logvar_limit)
+        for key in ("logvar_tolerance", "plateau_min_delta"):
+            if getattr(a, key) < 0:
+                raise UserError(f"alarms.{key} must be >= 0, got {getattr(a, key)}")
+
+
+def check_resources(cfg: TrainConfig, cpus: float, gpus: float, where: str) -> None:
+    """Refuse a run the machine or cluster cannot hold, before Ray starts workers that would
+    wait for resources forever or crash. `where` says whose resources these are."""
+    c = cfg.cluster
+    need_cpus = c.workers * c.cpus_per_worker
+    if need_cpus > cpus:
+        raise UserError(f"--workers {c.workers} x cluster.cpus_per_worker {c.cpus_per_worker:g} "
+                        f"needs {need_cpus:g} CPUs but {where} has {cpus:g}: use --workers "
+                        f"{int(cpus // c.cpus_per_worker)} or fewer")
+    need_gpus = max(c.workers, 1) * c.gpus_per_worker
+    if need_gpus > gpus:
+        have = "no GPU" if not gpus else f"{gpus:g} GPUs"
+        raise UserError(f"--gpus-per-worker {c.gpus_per_worker:g} needs {need_gpus:g} GPUs but "
+                        f"{where} has {have}: use --gpus-per-worker 0 (CPU) or a GPU machine")
+
+
+def check_batch_fits(cfg: TrainConfig, splits: dict) -> None:
+    """A global batch larger than the train split would be one short batch per epoch: almost
+    certainly a wrong flag or the wrong data set."""
+    n = splits.get("train") or 0
+    if cfg.train.batch_size > n:
+        raise UserError(f"--batch-size {cfg.train.batch_size} is larger than the train split of "
+                        f"{cfg.data} ({n} windows): use a batch of at most {n}")
+
+
+def _check_uri(flag: str, uri: str) -> None:
+    if uri.startswith("s3://"):
+        bucket = uri[len("s3://"):].split("/", 1)[0]
+        if not bucket:
+            raise UserError(f"{flag} {uri}: an S3 URI needs a bucket, like s3://my-bucket/prefix")
+
+
+def _above_zero(name: str, value) -> None:
+    if not value > 0:
+        raise UserError(f"{name} must be > 0, got {value}")
+
+
+def _fraction(name: str, value) -> None:
+    if not 0 <= value < 1:
+        raise UserError(f"{name} must be in [0, 1), got {value}")
 
 
 def _positive(name: str, value) -> None:

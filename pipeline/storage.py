@@ -251,7 +251,8 @@ def staged_file(uri: str, suffix: str = "") -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="moola-stage-")
         os.close(fd)
     else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with user_errors(uri):  # a parent that is a file: one UserError, not a traceback
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}{suffix}"
     try:
         yield tmp

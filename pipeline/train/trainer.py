@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.config import TrainConfig, load_config, resume_conflicts, to_yaml
+from pipeline.config import (TrainConfig, check_batch_fits, check_resources, load_config,
+                             resume_conflicts, to_yaml)
 from pipeline.errors import UserError
 from pipeline.train import rundir
 
@@ -82,6 +83,11 @@ def preflight(cfg: TrainConfig) -> dict:
         if not manifest.get("splits", {}).get(split):
             raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
                             f"non-zero {split} fraction")
+    check_batch_fits(cfg, manifest["splits"])
+    if cfg.cluster.address is None:  # a cluster's resources are checked once joined
+        import torch
+        check_resources(cfg, len(os.sched_getaffinity(0)), torch.cuda.device_count(),
+                        "this machine")
     model_cfg = JadeConfig(n_features=len(manifest["features"]), **asdict(cfg.model))
     loss_cfg = LossConfig(**asdict(cfg.loss))
     build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
@@ -170,6 +176,7 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train.failures import FailureReporter
     from pipeline.train.loop import train_loop_per_worker
 
     c, t = cfg.cluster, cfg.train
@@ -193,6 +200,7 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
         # Train's print patch would send each line of the epoch summary to the console twice.
         worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+        callbacks=[FailureReporter(c.max_failures)],  # says which workers died, what next
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE_ATTR,
             checkpoint_score_order=t.best_mode),
@@ -279,6 +287,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None 
     if cfg.cluster.workers > 0:
         init_ray(cfg)
         check_storage_for_cluster(cfg)
+        if cfg.cluster.address is not None:
+            import ray
+            have = ray.cluster_resources()
+            check_resources(cfg, have.get("CPU", 0), have.get("GPU", 0),
+                            f"the cluster at --address {cfg.cluster.address}")
     write_run_files(cfg)
     resume_from = latest_local_checkpoint(cfg) if (resume and cfg.cluster.workers == 0) else None
     trainer = build_trainer(cfg, resume_from)
