@@ -1,0 +1,61 @@
+"""Say what happened when training workers die (a process killed, a whole node lost).
+
+Ray Train's own account of a worker-group failure (`[FailurePolicy] RETRY ...`) is logged at INFO,
+below the WARNING level a cluster run uses, so without this the job's output shows only stack
+traces. This callback runs inside Ray Train's controller (on the driver's node, so it outlives
+any lost worker node) and prints one line per failure: which ranks, why, how many of
+--max-failures are used, and what comes next.
+"""
+
+from __future__ import annotations
+
+from ray.train import UserCallback
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe(worker_exceptions: dict) -> str:
+    """The dead worker's error first: when one rank dies the others fail with collateral errors
+    (gloo "connection closed by peer"), which say less about what happened."""
+    errors = list(worker_exceptions.values())
+    lost = [e for e in errors if type(e).__name__ in LOST_WORKER_ERRORS]
+    first = (lost or errors)[0]
+    why = _first_line(first)
+    cause = getattr(first, "health_check_failure", None)  # names the unreachable node's address
+    return f"{why} {_first_line(cause)}" if cause is not None else why
+
+
+# Ray's errors for a worker process or node that is gone (by name: their modules move between
+# Ray releases).
+LOST_WORKER_ERRORS = {"WorkerHealthCheckFailedError", "ActorDiedError", "ActorUnavailableError",
+                      "RayActorError", "NodeDiedError"}
+
+
+class FailureReporter(UserCallback):
+    def __init__(self, max_failures: int):
+        self.max_failures = max_failures  # -1: unlimited, as in ray.train.FailureConfig
+        self.failures = 0
+        self.last_checkpoint: str | None = None
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        self.failures += 1
+        ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
+        why = _describe(worker_exceptions)
+        allowed = "unlimited" if self.max_failures < 0 else str(self.max_failures)
+        where = self.last_checkpoint or "the start (no checkpoint yet)"
+        if self.max_failures < 0 or self.failures <= self.max_failures:
+            nxt = (f"restarting the workers from {where}; if a node was lost, the run waits "
+                   "until the cluster has room for all workers again")
+        else:
+            nxt = (f"that exceeds --max-failures, so the run stops; resubmit with --resume to "
+                   f"continue from {where}")
+        print(f"moola: training worker rank(s) {ranks} failed ({why}); failure {self.failures} "
+              f"of max_failures={allowed}: {nxt}", flush=True)
