@@ -177,7 +177,6 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
     from ray.train.torch import TorchTrainer
 
     from pipeline.train.failures import FailureReporter
-    from pipeline.train.failures import FailureReporter
     from pipeline.train.loop import train_loop_per_worker
 
     c, t = cfg.cluster, cfg.train
@@ -201,7 +200,6 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
         # Train's print patch would send each line of the epoch summary to the console twice.
         worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
-        callbacks=[FailureReporter(c.max_failures)],  # says which workers died, what next
         callbacks=[FailureReporter(c.max_failures)],  # says which workers died, what next
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE_ATTR,
