@@ -31,10 +31,10 @@ def inputs(tmp_path_factory):
     shards = root / "shards"
     write_shard_set(str(shards), [f"f{i}" for i in range(12)], itertools.chain(
         random_chunks(N_TRAIN, split="train", seed=0), random_chunks(N_VAL, split="val", seed=1)))
-    proc = run_cli("data", "synth", "--out", root / "windows", "--windows", "30")
+    proc = run_cli("data", "synth", "--out", root / "windows", "--windows", "30",
+                   "--bars-out", root / "bars" / "bars.csv")
     assert proc.returncode == 0, proc.stderr
     (root / "plain.txt").write_text("not a directory\n")
-    (root / "small.yaml").write_text("model:\n  hidden: 8\n  head_width: 8\n")
     return root
 
 
@@ -48,10 +48,11 @@ def snapshot(root) -> dict:
     return out
 
 
-# (args, needles, yaml text for {yaml} or None). Placeholders: {windows} {shards} {file}
-# (a plain file: "a path under a file" is unreadable even for root) {out} {yaml} {small}.
+# (args, needles, yaml text for {yaml} or None). Placeholders: {windows} {bars} {shards} {file}
+# (a plain file: "a path under a file" is unreadable even for root) {out} {yaml}.
 TRAIN = ["train", "--data", "{shards}", "--out", "{out}", "--workers", "0", "--epochs", "1",
          "--batch-size", "8"]
+SUBMIT = ["submit", "--address", "http://127.0.0.1:1", "--", "--data", "/d", "--out", "{out}"]
 CASES = {
     # data synth / build / shard / ingest
     "synth-zero-windows": (["data", "synth", "--out", "{out}", "--windows", "0"], ["--windows"], None),
@@ -86,6 +87,12 @@ CASES = {
                                   "--out", "{out}"], ["windows"], None),
     "ingest-moola-with-labels": (["data", "ingest", "--format", "moola", "--in", "{file}",
                                   "--labels", "{file}", "--out", "{out}"], ["--labels"], None),
+    "ingest-zero-stride": (["data", "ingest", "--format", "bars", "--in", "{bars}", "--stride", "0",
+                            "--out", "{out}"], ["--stride 0"], None),
+    "ingest-negative-stride": (["data", "build", "--source", "bars", "--in", "{bars}", "--stride",
+                                "-5", "--out", "{out}"], ["--stride -5"], None),
+    "ingest-labels-missing": (["data", "ingest", "--format", "bars", "--in", "{bars}", "--labels",
+                               "{out}.csv", "--out", "{out}"], ["out.csv", "not found"], None),
     "validate-a-file": (["data", "validate", "{file}"], ["plain.txt"], None),
     "inspect-s3-no-bucket": (["data", "inspect", "s3:///shards"], ["needs a bucket"], None),
     # train: flags
@@ -133,6 +140,16 @@ CASES = {
                                  "alarms:\n  starve: 0.1\n"),
     "config-alarm-share-above-1": (TRAIN + ["--config", "{yaml}"], ["alarms.starve_share", "2"],
                                    "alarms:\n  starve_share: 2\n"),
+    # submit: the train arguments are checked before anything is sent (the address is dead)
+    "submit-epochs-zero": (SUBMIT + ["--epochs", "0"], ["--epochs", "got 0"], None),
+    "submit-unknown-train-flag": (SUBMIT + ["--epohcs", "2"], ["train arguments", "--epohcs"], None),
+    "submit-batch-not-divisible": (SUBMIT + ["--workers", "3", "--batch-size", "16"],
+                                   ["--batch-size 16", "--workers 3"], None),
+    "submit-bad-config-key": (SUBMIT + ["--config", "{yaml}"], ["train.epochz", "bad.yaml"],
+                              "train:\n  epochz: 3\n"),
+    "submit-working-dir-is-a-file": (["submit", "--address", "http://127.0.0.1:1", "--working-dir",
+                                      "{file}", "--", "--data", "/d", "--out", "{out}"],
+                                     ["--working-dir"], None),
     # report, compare, storage, stack, runpod
     "report-missing-run": (["report", "{out}"], ["out", "not found"], None),
     "report-not-a-run": (["report", "{shards}"], ["shards", "metrics.jsonl"], None),
@@ -153,7 +170,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(name, inputs, tmp_path)
     args, needles, yaml_text = CASES[name]
     if yaml_text is not None:
         (tmp_path / "bad.yaml").write_text(yaml_text)
-    places = {"windows": inputs / "windows", "shards": inputs / "shards", "file": inputs / "plain.txt",
+    places = {"windows": inputs / "windows", "bars": inputs / "bars" / "bars.csv", "shards": inputs / "shards", "file": inputs / "plain.txt",
               "out": tmp_path / "out", "yaml": tmp_path / "bad.yaml"}
     argv = [a.format(**places) for a in args]
     before_inputs, before_tmp = snapshot(inputs), snapshot(tmp_path)
@@ -193,3 +210,14 @@ def test_alarms_in_the_run_config_reach_the_checker(tmp_path):
     assert load_config(str(saved)).alarms == cfg.alarms
     with pytest.raises(UserError, match="alarms.plateau_epochs"):
         load_config(None, {"data": "/d", "out": "/o", "alarms.plateau_epochs": 0}).validate()
+
+
+@pytest.mark.ray
+def test_more_workers_than_the_cluster_has_is_refused_before_training(ray_cluster, inputs, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--address", ray_cluster.address, "--workers", "8", "--batch-size", "8",
+                   "--epochs", "1", "--data", inputs / "shards", "--out", out,
+                   env=ray_cluster.env(), timeout=180)
+    assert_user_error(proc, "--workers 8", "8 CPUs", f"the cluster at --address {ray_cluster.address}",
+                      "has 4")
+    assert not out.exists()

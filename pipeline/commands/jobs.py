@@ -74,6 +74,8 @@ def submit(address, token, working_dir, no_working_dir, env_pairs, job_id, follo
     from pipeline.jobs import submit_train, train_job
 
     job = train_job(list(train_args), _parse_env(env_pairs), entrypoint)  # checks before connecting
+    if entrypoint is None:
+        _check_train_args(list(train_args))
     client = _client(address, token)
     new_id = submit_train(client, job, working_dir=None if no_working_dir else working_dir,
                           submission_id=job_id)
@@ -84,6 +86,33 @@ def submit(address, token, working_dir, no_working_dir, env_pairs, job_id, follo
         _follow(client, new_id)
     else:
         click.echo(f"follow with: moola-pipeline logs {new_id} --follow --address {client.address}")
+
+
+def _check_train_args(args: list[str]) -> None:
+    """What the job would refuse on the cluster (an unknown flag, --epochs 0, a batch that
+    --workers does not divide, a bad key in a local --config), refused here before anything is
+    sent. Paths are not checked: --data and --out name places as the cluster sees them."""
+    import os
+
+    from pipeline.commands.train import FLAG_KEYS, train as train_command
+    from pipeline.config import load_config
+
+    try:
+        ctx = train_command.make_context("train", list(args))
+    except click.exceptions.Exit:  # --help
+        return
+    except click.UsageError as exc:
+        raise UserError(f"train arguments after --: {exc.format_message()}") from None
+    params = dict(ctx.params)
+    config_path, resume = params.pop("config_path"), params.pop("resume")
+    # A --config that exists only on the cluster (or on S3) may set any key: then only the
+    # flags' types are checked here, and the cross-key checks run on the cluster.
+    config_here = not config_path or os.path.isfile(config_path)
+    overrides = {FLAG_KEYS[k]: v for k, v in params.items() if v is not None}
+    overrides.pop("cluster.address", None)  # submit sets --address auto
+    cfg = load_config(config_path if config_here else None, overrides)
+    if config_here and not resume:
+        cfg.validate()
 
 
 @click.command()
