@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -125,10 +126,11 @@ class TrainConfig:
             raise UserError("no output: pass --out URI (the run directory)")
         for flag, uri in (("--data", self.data), ("--out", self.out)):
             _check_uri(flag, uri)
+        if t.seed < 0:
+            raise UserError(f"train.seed (--seed) must be >= 0, got {t.seed}")
         _positive("train.epochs (--epochs)", t.epochs)
         _positive("train.batch_size (--batch-size)", t.batch_size)
-        if t.lr <= 0:
-            raise UserError(f"train.lr (--lr) must be > 0, got {t.lr}")
+        _above_zero("train.lr (--lr)", t.lr)
         if c.workers < 0:
             raise UserError(f"cluster.workers (--workers) must be >= 0, got {c.workers}")
         world = max(c.workers, 1)
@@ -300,6 +302,8 @@ def _build(cls, data: dict, where: str, prefix: str = ""):
         if not ok:
             raise UserError(f"{where}: {prefix}{name} must be {_type_name(tp)}, "
                             f"got {type(value).__name__} {value!r}")
+        if isinstance(conv, float) and not math.isfinite(conv):  # --lr nan, `lr: .inf`
+            raise UserError(f"{where}: {prefix}{name} must be a finite number, got {conv}")
         kwargs[name] = conv
     return cls(**kwargs)
 
@@ -325,11 +329,26 @@ def _nest(dotted: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
     from pipeline import storage
     text = storage.read_text(path)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -76,7 +76,7 @@ def shard_options(f):
         click.option("--test-fraction", type=float, default=0.0, show_default=True),
         click.option("--rows-per-shard", type=click.IntRange(min=1), default=65536,
                      show_default=True, help="Rows per Parquet shard file."),
-        click.option("--split-seed", type=int, default=0, show_default=True,
+        click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the group split's shuffle."),
     ]
     for option in reversed(options):
@@ -118,7 +118,8 @@ def shard(in_uri, out, **options) -> None:
               help="Where the canonical windows go [default: OUT/windows].")
 @click.option("--windows", "n_windows", type=click.IntRange(min=1), default=50, show_default=True,
               help="synth: number of windows.")
-@click.option("--seed", type=int, default=0, show_default=True, help="synth: random seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="synth: random seed.")
 @click.option("--in", "in_uri", default=None, help="moola/bars: input file.")
 @click.option("--labels", "labels_uri", default=None, help="bars: labels CSV.")
 @click.option("--stride", type=int, default=None, help="bars without labels: window stride.")

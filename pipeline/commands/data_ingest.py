@@ -38,7 +38,8 @@ def _summary(ws, out: str, extra: str = "") -> None:
 @click.option("--windows", "n_windows", type=click.IntRange(min=1), default=50, show_default=True,
               metavar="N",
               help="Number of labeled windows.")
-@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Random seed (same seed, same data).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, metavar="S",
+              help="Random seed (same seed, same data).")
 @click.option("--bars-out", default=None, metavar="FILE",
               help="Also write the bar series to this .csv or .parquet file, and labels.csv beside it "
                    "(input for `data ingest --format bars`).")
