@@ -21,7 +21,8 @@ from pipeline.errors import UserError
 from pipeline.report.alarms import AlarmConfig
 from tests.fixtures.cli import assert_user_error, run_cli
 
-N_TRAIN, N_VAL = 24, 8
+N_TRAIN, N_VAL = 64, 8
+TOO_MANY = len(os.sched_getaffinity(0)) + 1   # one worker more than this machine has CPUs
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,10 @@ CASES = {
     "train-negative-workers": (TRAIN + ["--workers", "-1"], ["--workers", "got -1"], None),
     "train-batch-larger-than-split": (TRAIN + ["--batch-size", str(N_TRAIN + 8)],
                                       [f"--batch-size {N_TRAIN + 8}", f"({N_TRAIN} windows)"], None),
-    # more CPUs and GPUs than any test machine has (a count that fails on any machine)
-    "train-more-workers-than-cpus": (TRAIN + ["--workers", "2", "--config", "{yaml}"],
+    "train-more-workers-than-cpus": (TRAIN + ["--workers", str(TOO_MANY), "--batch-size", str(TOO_MANY)],
+                                     [f"--workers {TOO_MANY}", "CPUs", "this machine"], None),
+    # more CPUs and GPUs than any test machine has
+    "train-cpus-per-worker-above-cpus": (TRAIN + ["--workers", "2", "--config", "{yaml}"],
                                      ["--workers 2", "8192 CPUs", "this machine"],
                                      "cluster:\n  cpus_per_worker: 4096\n"),
     "train-gpu-without-gpu": (TRAIN + ["--gpus-per-worker", "64"], ["--gpus-per-worker 64", "GPU"], None),
