@@ -96,17 +96,22 @@ def start_node(net, rank: int, token: str, s3_env: dict, log: Path, **extra) -> 
     return net.popen(node, [BOOTSTRAP], node_env(net, node, rank, token, **s3_env, **extra), log)
 
 
-def test_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(cluster, s3_server,
-                                                                        tmp_path, monkeypatch):
-    from pipeline.data.shards import random_chunks, write_shard_set
-    from pipeline.train.rundir import read_metrics
-
-    net, token, s3_env = cluster
-    head, member = net.nodes
+def start_cluster(net, token, s3_env, tmp_path) -> None:
     h = start_node(net, 0, token, s3_env, tmp_path / "head.log")
     w = start_node(net, 1, token, s3_env, tmp_path / "member.log")
     wait_for_line(tmp_path / "head.log", "cluster ready: 2 node(s)", [h, w], 180)
 
+
+def replace_member(net, token, s3_env, tmp_path) -> None:
+    """What RunPod does with a lost pod: a new one, the same bootstrap, the same address."""
+    w2 = start_node(net, 1, token, s3_env, tmp_path / "member2.log",
+                    MOOLA_RAY_TEMP_DIR=f"/tmp/{net.prefix}-1b")
+    wait_for_line(tmp_path / "member2.log", "joining the cluster", [w2], 60)
+
+
+def make_run(s3_server, tmp_path, monkeypatch) -> tuple[str, str, Path]:
+    """Shards in a fresh bucket, a small model config; (bucket, out, config)."""
+    from pipeline.data.shards import random_chunks, write_shard_set
     bucket = f"t-{secrets.token_hex(6)}"
     s3_server.boto3_client().create_bucket(Bucket=bucket)
     for key, value in s3_server.env().items():
@@ -115,50 +120,42 @@ def test_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(cluster,
         random_chunks(N_TRAIN, split="train", seed=0), random_chunks(16, split="val", seed=1)))
     config = tmp_path / "run.yaml"
     config.write_text("model:\n  hidden: 16\n  head_width: 16\ntrain:\n  keep_checkpoints: 50\n")
-    out = f"s3://{bucket}/runs/r1"
+    return bucket, f"s3://{bucket}/runs/r1", config
 
+
+def submit(net, token, s3_env, bucket, out, config, *extra) -> subprocess.Popen:
+    """`moola-pipeline submit --follow` from the root namespace (the laptop), as in the README."""
     laptop = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     laptop.update({"RAY_AUTH_TOKEN": token, "AWS_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
                    "AWS_ENDPOINT_URL_S3": s3_env["AWS_ENDPOINT_URL"]})
-    job = subprocess.Popen(
-        [str(Path(VENV_BIN) / "moola-pipeline"), "submit", "--address", f"http://{head.addr}:8265",
-         "--no-working-dir", "--follow", "--",
+    return subprocess.Popen(
+        [str(Path(VENV_BIN) / "moola-pipeline"), "submit", "--address",
+         f"http://{net.nodes[0].addr}:8265", "--no-working-dir", "--follow", "--",
          "--data", f"s3://{bucket}/shards", "--out", out, "--config", str(config),
          "--workers", "2", "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
-         "--checkpoint-every", str(EVERY), "--max-failures", "1", "--seed", "3"],
+         "--checkpoint-every", str(EVERY), "--seed", "3", *extra],
         env=laptop, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def finish(job: subprocess.Popen, timeout_s: float) -> str:
     try:
-        ckpt = registered_checkpoint(out, job, 150)
-        t_kill = time.monotonic()
-        assert kill_node(net, member) > 0
-        time.sleep(5)  # the pod is gone for a while, then replaced
-        w2 = start_node(net, 1, token, s3_env, tmp_path / "member2.log",
-                        MOOLA_RAY_TEMP_DIR=f"/tmp/{net.prefix}-1b")
-        wait_for_line(tmp_path / "member2.log", "joining the cluster", [w2], 60)
-        output, _ = job.communicate(timeout=240)
+        output, _ = job.communicate(timeout=timeout_s)
     finally:
         if job.poll() is None:
             job.kill()
             job.wait()
-    (tmp_path / "job.out").write_text(output)
-    print(f"first checkpoint {ckpt}; the job ended {time.monotonic() - t_kill:.0f}s after the kill")
-    assert job.returncode == 0, output[-3000:]
-    assert "SUCCEEDED" in output
+    return output
 
-    # What the user sees: one line naming the failed rank, the budget used and the way on.
-    said = [line for line in output.splitlines() if "moola: training worker rank(s)" in line]
-    assert len(said) == 1, output[-6000:]
-    restart = re.search(r"failure 1 of max_failures=1: restarting the workers from "
-                        r"(checkpoint_e\d+_s\d+)", said[0])
-    assert restart and restart[1] >= ckpt, said[0]  # at least the one registered before the kill
-    assert "waits until the cluster has room" in said[0]
-    assert "Traceback" not in said[0]
-    assert f"address: {member.addr}" in output  # Ray: the member node was marked dead
 
-    # Every epoch recorded exactly once, in order, all by the full 2-worker group, and the final
-    # checkpoint is complete.
+def failure_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "moola: training worker rank(s)" in line]
+
+
+def assert_complete_run(out: str) -> None:
+    """Every epoch recorded exactly once, in order, all by the full 2-worker group, and the
+    final checkpoint whole."""
     from pipeline import storage
-    from pipeline.train.rundir import checkpoint_dirs
+    from pipeline.train.rundir import checkpoint_dirs, read_metrics
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == list(range(EPOCHS)), records
     assert [r["step"] for r in records] == [(e + 1) * N_TRAIN // BATCH for e in range(EPOCHS)]
@@ -166,4 +163,68 @@ def test_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(cluster,
     final = f"checkpoint_e{EPOCHS:04d}_s{EPOCHS * N_TRAIN // BATCH:08d}"
     assert final in checkpoint_dirs(out)
     assert storage.exists(storage.join(out, final, "meta.json"))
+
+
+def test_lost_node_is_replaced_and_the_run_finishes_from_its_checkpoint(cluster, s3_server,
+                                                                        tmp_path, monkeypatch):
+    net, token, s3_env = cluster
+    member = net.nodes[1]
+    start_cluster(net, token, s3_env, tmp_path)
+    bucket, out, config = make_run(s3_server, tmp_path, monkeypatch)
+    job = submit(net, token, s3_env, bucket, out, config, "--max-failures", "1")
+    try:
+        ckpt = registered_checkpoint(out, job, 150)
+        assert kill_node(net, member) > 0
+        time.sleep(5)  # the pod is gone for a while, then replaced
+        replace_member(net, token, s3_env, tmp_path)
+    finally:
+        output = finish(job, 240)
+    (tmp_path / "job.out").write_text(output)
+    assert job.returncode == 0, output[-3000:]
+    assert "SUCCEEDED" in output
+
+    # What the user sees: one line naming the failed ranks, the budget used and the way on.
+    said = failure_lines(output)
+    assert len(said) == 1, output[-6000:]
+    restart = re.search(r"failure 1 of max_failures=1: restarting the workers from "
+                        r"(checkpoint_e\d+_s\d+)", said[0])
+    assert restart and restart[1] >= ckpt, said[0]  # at least the one registered before the kill
+    assert "waits until the cluster has room" in said[0]
+    assert f"address: {member.addr}" in output  # Ray: the member node was marked dead
+    assert_complete_run(out)
     assert token not in output and s3_server.secret_key not in output
+
+
+def test_lost_node_beyond_max_failures_fails_clearly_and_resume_finishes(cluster, s3_server,
+                                                                         tmp_path, monkeypatch):
+    net, token, s3_env = cluster
+    start_cluster(net, token, s3_env, tmp_path)
+    bucket, out, config = make_run(s3_server, tmp_path, monkeypatch)
+    job = submit(net, token, s3_env, bucket, out, config, "--max-failures", "0")
+    try:
+        ckpt = registered_checkpoint(out, job, 150)
+        assert kill_node(net, net.nodes[1]) > 0
+    finally:
+        output = finish(job, 180)
+    (tmp_path / "job.out").write_text(output)
+    assert job.returncode != 0, output[-3000:]
+    assert re.search(r"job \S+ failed: ", output), output[-3000:]  # the job's status, as a UserError
+    said = failure_lines(output)
+    assert len(said) == 1, output[-6000:]
+    stop = re.search(r"failure 1 of max_failures=0: that exceeds --max-failures, so the run "
+                     r"stops; resubmit with --resume to continue from (checkpoint_e\d+_s\d+)", said[0])
+    assert stop and stop[1] >= ckpt, said[0]
+    # The driver ends with one line (the workers' tracebacks are Ray's, above it), not its own.
+    assert "error: training stopped: worker rank(s) " in output, output[-3000:]
+    assert f"--max-failures 0 allows no more restarts. The checkpoints in {out} are kept: run " \
+        "the same command with --resume" in output
+    assert "pipeline/cli.py" not in output  # no traceback through our own code
+
+    # The node comes back; the same command with --resume finishes the run where it stopped.
+    replace_member(net, token, s3_env, tmp_path)
+    again = submit(net, token, s3_env, bucket, out, config, "--max-failures", "0", "--resume")
+    output2 = finish(again, 240)
+    (tmp_path / "resume.out").write_text(output2)
+    assert again.returncode == 0, output2[-3000:]
+    assert "SUCCEEDED" in output2 and not failure_lines(output2)
+    assert_complete_run(out)

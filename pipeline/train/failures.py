@@ -59,3 +59,17 @@ class FailureReporter(UserCallback):
                    f"continue from {where}")
         print(f"moola: training worker rank(s) {ranks} failed ({why}); failure {self.failures} "
               f"of max_failures={allowed}: {nxt}", flush=True)
+
+
+def stopped_run_message(exc: BaseException, cfg) -> str | None:
+    """The driver's one-line account of a run Ray Train gave up on after worker failures (the
+    workers' tracebacks are already in the output above it); None for any other error."""
+    from ray.train import TrainingFailedError
+    if not isinstance(exc, TrainingFailedError):
+        return None
+    failures = getattr(exc, "worker_failures", None) or {}
+    what = (f"worker rank(s) {', '.join(str(r) for r in sorted(failures))} failed "
+            f"({_describe(failures)})") if failures else _first_line(exc)
+    return (f"training stopped: {what}, and --max-failures {cfg.cluster.max_failures} allows no "
+            f"more restarts. The checkpoints in {cfg.out} are kept: run the same command with "
+            "--resume to continue from the last one")

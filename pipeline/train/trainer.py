@@ -270,6 +270,10 @@ def fit(trainer, cfg: TrainConfig, progress) -> object:
         user = _user_error_in(exc)
         if user is not None:
             raise UserError(user.message) from None
+        from pipeline.train.failures import stopped_run_message
+        stopped = stopped_run_message(exc, cfg)
+        if stopped is not None:
+            raise UserError(stopped) from None
         raise exc
     result = box["result"]
     if getattr(result, "error", None) is not None:
