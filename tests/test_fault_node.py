@@ -8,7 +8,9 @@ a new group from the last checkpoint; with one 1-CPU node left the 2-worker grou
 so it waits (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, then retries) until the node is replaced:
 bootstrap.sh is run again in the same namespace, as RunPod restarts a pod. The run then finishes
 on both nodes; the user sees in the job's output that a worker died and the run restarted from a
-checkpoint, and metrics.jsonl holds each epoch exactly once."""
+checkpoint, and metrics.jsonl holds each epoch exactly once. With max_failures 0 the same loss
+ends the job with one line from the driver (which ranks, why, "run the same command with
+--resume"); once the node is back, resubmitting with --resume finishes the run, each epoch once."""
 
 from __future__ import annotations
 
