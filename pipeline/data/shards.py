@@ -216,16 +216,18 @@ def write_shard_set(out_uri: str, feature_names: list[str], chunks, *, extra: di
     prepare_output(out_uri)
     schema = shard_schema(feature_names)
     writers: dict[str, SplitWriter] = {}
-    try:
-        for split, columns in chunks:
-            if split not in writers:
-                writers[split] = SplitWriter(out_uri, split, schema, rows_per_shard, row_group_rows)
-            writers[split].append(rows_table(schema, split, **columns))
-        shards = [entry for split in sorted(writers) for entry in writers[split].close()]
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
+    with storage.user_errors(out_uri):  # disk full, S3 down: one clear error naming OUT
+        try:
+            for split, columns in chunks:
+                if split not in writers:
+                    writers[split] = SplitWriter(out_uri, split, schema, rows_per_shard,
+                                                 row_group_rows)
+                writers[split].append(rows_table(schema, split, **columns))
+            shards = [entry for split in sorted(writers) for entry in writers[split].close()]
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
     manifest = {
         "schema_version": SCHEMA_VERSION, "window": WINDOW, "features": list(feature_names),
         "dtype": "float32", "shards": shards,

@@ -361,11 +361,12 @@ def _merge_predictions(per_rank: list[list[dict]], epoch: int) -> dict:
 def _persist_local(out: str, tmp: str, name: str, keep: int, best: dict | None) -> None:
     """Local mode: copy the checkpoint into OUT and prune old ones (newest and best stay)."""
     from pipeline.train.rundir import checkpoint_dirs
-    import pyarrow.fs as pafs
     dest = storage.join(out, name)
-    fs, path = storage.resolve(dest)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    storage.makedirs(dest)
+    # meta.json goes last: a copy cut short (disk full, S3 down) has no meta.json, and resume
+    # takes only checkpoints that have one (trainer.latest_local_checkpoint).
+    for file in sorted(os.listdir(tmp), key=lambda f: f == ckpt.META_FILE):
+        storage.upload_file(os.path.join(tmp, file), storage.join(dest, file))
     names = checkpoint_dirs(out)
     keep_names = set(names[-keep:]) | {name} | ({best["checkpoint"]} if best else set())
     for old in names:

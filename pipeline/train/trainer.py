@@ -78,7 +78,9 @@ def preflight(cfg: TrainConfig) -> dict:
     from pipeline.model import JadeConfig
     from pipeline.reducer import LossConfig, build_weighting
 
-    manifest = load_manifest(cfg.data, verify=False)  # workers verify every shard's sha256
+    # Every shard's size and sha256 now, before OUT gets anything: a corrupt shard must not
+    # leave a config.yaml behind that makes the rerun "already hold a run".
+    manifest = load_manifest(cfg.data, verify=True)
     for split in ("train", "val"):
         if not manifest.get("splits", {}).get(split):
             raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
@@ -112,6 +114,23 @@ def check_best_metric(name: str, tasks, num_classes: int) -> None:
     if name not in keys:
         raise UserError(f"train.best_metric (--best-metric) {name!r} is not a metrics key; "
                         f"choose one of: {', '.join(sorted(keys))}")
+
+
+def claim_run_dir(cfg: TrainConfig) -> None:
+    """A fresh run takes OUT by creating its config.yaml with O_CREAT|O_EXCL, so of two runs
+    started at once on the same local OUT exactly one proceeds. S3 has no exclusive create that
+    pyarrow exposes: there the check in prepare_run leaves a window of milliseconds (documented)."""
+    if storage.is_s3(cfg.out):
+        return
+    storage.makedirs(cfg.out)
+    path = storage.join(cfg.out, rundir.CONFIG)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise UserError(f"{cfg.out} already holds a run (another run just claimed it): pass "
+                        "--resume to continue it, or choose another --out") from None
+    with storage.user_errors(path), os.fdopen(fd, "w") as f:
+        f.write(to_yaml(cfg))
 
 
 def write_run_files(cfg: TrainConfig) -> None:
@@ -217,7 +236,10 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
 
 def latest_local_checkpoint(cfg: TrainConfig) -> str | None:
     """Local mode keeps its own checkpoints in OUT; the newest one continues a --resume."""
-    names = rundir.checkpoint_dirs(cfg.out)
+    # Whole checkpoints only: meta.json is written last, so a copy cut short (disk full, S3
+    # down) lacks it and is never chosen.
+    names = [n for n in rundir.checkpoint_dirs(cfg.out)
+             if storage.exists(storage.join(cfg.out, n, "meta.json"))]
     if not names:
         return None
     uri = storage.join(cfg.out, names[-1])
@@ -242,10 +264,18 @@ def _user_error_in(exc: BaseException) -> UserError | None:
         seen.add(id(e))
         if isinstance(e, UserError):
             return e
+        if isinstance(e, OSError) and (e.errno == 28 or "no space left" in str(e).lower()):
+            return UserError("no space left on device while writing the run (checkpoint or run "
+                             "file); free space, then continue with `train --out OUT --resume` "
+                             "(only whole checkpoints are resumed)")
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
                  getattr(e, "controller_failure", None)]
         todo += list(getattr(e, "worker_failures", {}).values())
     return None
+
+
+def _name_out(message: str, cfg: TrainConfig) -> str:
+    return f"{cfg.out}: {message}" if message.startswith("no space left") else message
 
 
 def fit(trainer, cfg: TrainConfig, progress) -> object:
@@ -269,7 +299,7 @@ def fit(trainer, cfg: TrainConfig, progress) -> object:
         exc = box["error"]
         user = _user_error_in(exc)
         if user is not None:
-            raise UserError(user.message) from None
+            raise UserError(_name_out(user.message, cfg)) from None
         from pipeline.train.failures import stopped_run_message
         stopped = stopped_run_message(exc, cfg)
         if stopped is not None:
@@ -279,7 +309,7 @@ def fit(trainer, cfg: TrainConfig, progress) -> object:
     if getattr(result, "error", None) is not None:
         user = _user_error_in(result.error)
         if user is not None:
-            raise UserError(user.message) from None
+            raise UserError(_name_out(user.message, cfg)) from None
         raise result.error
     return result
 
@@ -296,6 +326,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None 
             have = ray.cluster_resources()
             check_resources(cfg, have.get("CPU", 0), have.get("GPU", 0),
                             f"the cluster at --address {cfg.cluster.address}")
+    if not resume:
+        claim_run_dir(cfg)
     write_run_files(cfg)
     resume_from = latest_local_checkpoint(cfg) if (resume and cfg.cluster.workers == 0) else None
     trainer = build_trainer(cfg, resume_from)
