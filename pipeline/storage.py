@@ -120,6 +120,8 @@ def _describe_os_error(uri: str, exc: BaseException) -> str:
         return f"{uri}: not found"
     if isinstance(exc, PermissionError) and not is_s3(uri):
         return f"{uri}: permission denied"
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and not is_s3(uri):
+        return f"{uri}: a file stands where a folder is needed on this path; choose another path"
     if is_s3(uri):
         endpoint = s3_endpoint() or "the default AWS endpoint"
         if any(m in squashed for m in ("accessdenied", "invalidaccesskeyid", "forbidden",

@@ -53,3 +53,11 @@ def test_join_and_parent():
     assert storage.join("s3://b/p", "x", "y") == "s3://b/p/x/y"
     assert storage.parent("s3://b/p/run") == "s3://b/p"
     assert storage.basename("s3://b/p/run/") == "run"
+
+
+def test_a_file_where_a_folder_is_needed_is_a_user_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="a file stands where a folder is needed"):
+        storage.write_text_atomic(str(tmp_path / "afile" / "sub" / "r.html"), "page")
+    with pytest.raises(UserError, match="afile/sub: a file stands"):
+        storage.makedirs(str(tmp_path / "afile" / "sub"))
