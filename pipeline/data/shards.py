@@ -216,18 +216,21 @@ def write_shard_set(out_uri: str, feature_names: list[str], chunks, *, extra: di
     prepare_output(out_uri)
     schema = shard_schema(feature_names)
     writers: dict[str, SplitWriter] = {}
-    with storage.user_errors(out_uri):  # disk full, S3 down: one clear error naming OUT
-        try:
-            for split, columns in chunks:
+    try:
+        for split, columns in chunks:
+            # Only the writes become "OUT: no space left on device" (or S3 down): an error of
+            # the input iterator is the input's, and stays as it is.
+            with storage.user_errors(out_uri):
                 if split not in writers:
                     writers[split] = SplitWriter(out_uri, split, schema, rows_per_shard,
                                                  row_group_rows)
                 writers[split].append(rows_table(schema, split, **columns))
+        with storage.user_errors(out_uri):
             shards = [entry for split in sorted(writers) for entry in writers[split].close()]
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     manifest = {
         "schema_version": SCHEMA_VERSION, "window": WINDOW, "features": list(feature_names),
         "dtype": "float32", "shards": shards,
