@@ -77,6 +77,9 @@ class TrainSection:
     # Per-task gradient norms cost ~one extra backward per task; the record needs one reading
     # per epoch (its last batch). N > 0 also measures every N steps.
     probe_every: int = 0
+    # "bf16": the model's forward under bf16 autocast (meant for GPUs; losses, reducer and
+    # optimiser state stay fp32). Not part of config_hash: a resume may switch it.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -145,6 +148,8 @@ class TrainConfig:
                             "cannot restart itself; use --workers 1 or more")
         if t.best_mode not in ("min", "max"):
             raise UserError(f"train.best_mode must be 'min' or 'max', got {t.best_mode!r}")
+        if t.precision not in ("fp32", "bf16"):
+            raise UserError(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
         if t.scheduler not in ("constant", "cosine"):
             raise UserError(f"train.scheduler must be 'constant' or 'cosine', got {t.scheduler!r}")
         for key in ("checkpoint_every_steps", "early_stop_patience", "grad_clip", "probe_every"):

@@ -32,6 +32,8 @@ from pipeline.data.manifest import load_manifest
 from pipeline.model import JadeCompact, JadeConfig
 from pipeline.reducer import GradientProbe, LossConfig, MultiTaskModel, build_weighting
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.device_feed import DeviceFeed, autocast_model
+from pipeline.train.device_feed import rank_slice as device_slice
 from pipeline.train.metrics import TaskMetrics
 from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
 
@@ -45,6 +47,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":  # fixed batch shapes: let cuDNN pick its fastest LSTM kernels
+        torch.backends.cudnn.benchmark = True
     t, seed = cfg.train, cfg.train.seed
     write_worker_marker(cfg.out, rank, world)
 
@@ -68,7 +72,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loss_cfg = LossConfig(**_section(cfg.loss))
     weighting = build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
     multitask = MultiTaskModel(JadeCompact(model_cfg), weighting, loss_cfg).to(device)
-    optimizer = torch.optim.AdamW(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr))
+    if t.precision == "bf16":  # the LSTM and heads only: losses stay fp32
+        autocast_model(multitask.model, device)
+    # Fused AdamW on CUDA: one kernel for all parameters instead of a launch per tensor.
+    optimizer = torch.optim.AdamW(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr),
+                                  fused=True if device.type == "cuda" else None)
     scheduler = _scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
     probe = GradientProbe()  # measured by hand below: at each epoch's last batch (+ every N)
 
@@ -103,13 +111,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sink = _epoch_sink(cfg) if rank == 0 else None
     score_attr = "best_score"
 
-    def save_and_report(metrics: dict, record: dict | None, partial=None) -> None:
-        """Every rank writes its part, then reports; Ray merges the parts into one directory."""
+    def save_and_report(metrics: dict, record: dict | None, partial=None,
+                        loader_state: dict | None = None) -> None:
+        """Every rank writes its part, then reports; Ray merges the parts into one directory.
+        loader_state: the state after the last trained batch (the feed may be one ahead)."""
         state = meta = None
         if rank == 0:
             state = {"multitask": multitask.state_dict(), "model": multitask.model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "loader": train_loader.state_dict(), "probe": dict(vars(probe)),
+                     "loader": loader_state or train_loader.state_dict(),
+                     "probe": dict(vars(probe)),
                      "epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
                      "partial": partial, "world_size": world, "config_hash": config_hash(cfg),
                      "manifest_hash": manifest_hash, "model_config": vars(model_cfg),
@@ -142,10 +153,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss_sums = partial[:n].to(device)
             batches, samples = int(partial[n]), int(partial[n + 1])
         partial = None
-        for batch in train_loader:  # resumes mid-epoch: the loader skips consumed batches
-            batch = rank_slice(batch, rank, world, device)
+        # Resumes mid-epoch: the loader skips consumed batches. On CUDA the feed copies the
+        # next batch while this step runs, so the loader is one batch ahead of feed.loader_state.
+        feed = DeviceFeed(train_loader, rank, world, device)
+        for batch in feed:
             total, losses, _ = model(batch)
-            last_batch = train_loader.state_dict()["batches_consumed"] == steps_per_epoch
+            last_batch = feed.loader_state["batches_consumed"] == steps_per_epoch
             if last_batch or (t.probe_every and (step + 1) % t.probe_every == 0):
                 probe.measure(model, losses)  # before backward: it reuses this forward's graph
             optimizer.zero_grad(set_to_none=True)
@@ -159,11 +172,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             samples += batch["label"].shape[0]
             loss_sums += torch.stack([losses[k].detach().double() for k in model_cfg.tasks])
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 \
-                    and train_loader.state_dict()["batches_consumed"] < steps_per_epoch:
+                    and feed.loader_state["batches_consumed"] < steps_per_epoch:
                 sums = torch.cat([loss_sums, _f64([batches, samples], device)])
                 _all_reduce(sums)  # the epoch so far over all ranks, for an exact record later
                 save_and_report({"epoch": epoch, "step": step, score_attr: WORST[t.best_mode]},
-                                None, sums.cpu())
+                                None, sums.cpu(), feed.loader_state)
         if device.type == "cuda":
             torch.cuda.synchronize()  # kernels are queued; time what ran
         train_time = time.perf_counter() - started
@@ -176,8 +189,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val_batches = 0
         preds: list[dict] = []
         with torch.no_grad():
-            for batch in val_loader:
-                batch = rank_slice(batch, rank, world, device)
+            for batch in DeviceFeed(val_loader, rank, world, device):
                 _, losses, outputs = model(batch)
                 metrics.update(outputs, batch)
                 val_sums += torch.stack([losses[k].double() for k in model_cfg.tasks])
@@ -252,9 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def rank_slice(batch: dict, rank: int, world: int, device) -> dict:
     """This rank's contiguous part of a global batch (sizes differ by at most one; a rank may
     get none of a last batch smaller than W, and still takes part in every collective)."""
-    n = batch["label"].shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    return {k: v[lo:hi].to(device) for k, v in batch.items()}
+    # The loop itself goes through DeviceFeed (pinned, prefetched on CUDA); same slicing.
+    return {k: v.to(device) for k, v in device_slice(batch, rank, world).items()}
 
 
 def _config(loop_config: dict) -> TrainConfig:
