@@ -6,7 +6,8 @@ plus the time from command start to the first training step.
                                              [--threads 2] [--hidden 96]
 
 The plain loop is the pipeline's own step without Ray: ShardLoader -> MultiTaskModel ->
-backward -> AdamW, no DDP, no gradient probe, no eval, no checkpoints. The pipeline figure is
+backward -> AdamW, no DDP, no gradient probe (the pipeline runs with `train.probe: false`), no
+eval, no checkpoints. The pipeline figure is
 its metrics.jsonl `samples_per_s` (training phase of each epoch) over epochs 1.. (epoch 0 holds
 warm-up), and, end to end, samples per second between the starts of consecutive epochs
 (training + distributed eval + checkpoint + metrics record). The worker gets `--threads` CPUs
@@ -73,7 +74,9 @@ def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int
     """(records, command start time, command wall seconds) of a local Ray run with `workers`
     workers (0: Ray Train local mode, the same loop in the command's own process)."""
     cfg = Path(out + ".yaml")
-    cfg.write_text(f"model:\n  hidden: {hidden}\ncluster:\n  cpus_per_worker: {threads}\n")
+    # Gradient diagnostics off, as issue 3 asks for benchmarks (the plain loop has none).
+    cfg.write_text(f"model:\n  hidden: {hidden}\ntrain:\n  probe: false\n"
+                   f"cluster:\n  cpus_per_worker: {threads}\n")
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--data", data, "--out", out,
            "--config", str(cfg), "--workers", str(workers), "--epochs", str(epochs),
            "--batch-size", str(batch_size), "--seed", "0"]

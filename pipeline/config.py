@@ -75,7 +75,9 @@ class TrainSection:
     best_mode: str = "min"            # "min" or "max"
     early_stop_patience: int = 0      # epochs without improvement before stopping; 0 = never
     # Per-task gradient norms cost ~one extra backward per task; the record needs one reading
-    # per epoch (its last batch). N > 0 also measures every N steps.
+    # per epoch (its last batch). N > 0 also measures every N steps. `probe: false` turns the
+    # diagnostics off (benchmarks): the record then has no grad_* figures and no starving alarm.
+    probe: bool = True
     probe_every: int = 0
     # "bf16": the model's forward under bf16 autocast (meant for GPUs; losses, reducer and
     # optimiser state stay fp32). Not part of config_hash: a resume may switch it.

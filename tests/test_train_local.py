@@ -211,3 +211,20 @@ def test_unknown_best_metric_is_refused_before_training(tmp_path, shards):
     proc = train("--data", shards, "--out", out, "--best-metric", "span.f2")
     assert_user_error(proc, "span.f2", "span.f1", "--best-metric")
     assert not out.exists()
+
+
+def test_probe_off_trains_exactly_the_same_and_records_no_gradient_figures(tmp_path, shards,
+                                                                           base_run):
+    """`train.probe: false` (benchmarks) only drops the diagnostics: the probe, when on, reads
+    gradients without disturbing the step, so the losses are identical."""
+    cfg = tmp_path / "noprobe.yaml"
+    cfg.write_text(SMALL_MODEL + "train:\n  probe: false\n")
+    proc = train("--data", shards, "--out", tmp_path / "run", "--config", cfg,
+                 "--epochs", "2", "--batch-size", "8", "--seed", "0")
+    assert proc.returncode == 0, proc.stderr
+    records = read_metrics(str(tmp_path / "run"))
+    base = read_metrics(str(base_run[0]))
+    assert [r["train"] for r in records] == [r["train"] for r in base]
+    assert all(r["grad_norm"] is None and r["grad_ratio_countdown_pointer"] is None
+               for r in records)
+    assert all(r["grad_norm"] for r in base)

@@ -159,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch in feed:
             total, losses, _ = model(batch)
             last_batch = feed.loader_state["batches_consumed"] == steps_per_epoch
-            if last_batch or (t.probe_every and (step + 1) % t.probe_every == 0):
+            if t.probe and (last_batch or (t.probe_every and (step + 1) % t.probe_every == 0)):
                 probe.measure(model, losses)  # before backward: it reuses this forward's graph
             optimizer.zero_grad(set_to_none=True)
             total.backward()
