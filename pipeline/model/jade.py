@@ -16,14 +16,13 @@ With F=12, hidden 96, 1 layer, 3 classes and all heads the model has 97,543 para
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pipeline.config import TASKS, ModelSection
 from pipeline.errors import UserError
-
-TASKS = ("type", "pointer", "span", "countdown")
 WINDOW = 105
 
 # Output key of each task's head.
@@ -32,18 +31,10 @@ OUTPUT_KEYS = {"type": "type_logits", "pointer": "pointers", "span": "span_logit
 
 
 @dataclass
-class JadeConfig:
+class JadeConfig(ModelSection):
+    """The run config's `model:` section (`pipeline.config.ModelSection`: one source of the
+    defaults) plus the input width, which comes from the data."""
     n_features: int = 12
-    hidden: int = 96
-    num_layers: int = 1
-    input_dropout: float = 0.3
-    # PyTorch's LSTM dropout acts only between stacked layers, so it applies only when
-    # num_layers > 1 (the original model silently ignored its 0.7 with one layer).
-    recurrent_dropout: float = 0.7
-    dense_dropout: float = 0.6
-    num_classes: int = 3
-    head_width: int = 64
-    tasks: tuple[str, ...] = field(default_factory=lambda: TASKS)
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)

@@ -12,24 +12,21 @@ their number, and a task with no elements in the global batch contributes 0 with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.reducer.element_mean import element_mean
 from pipeline.reducer.targets import COUNTDOWN_SCALES, countdown_target, pointer_target, span_target
 
 
 @dataclass
-class LossConfig:
-    countdown_scale: str = "unit"
-    span_pos_weight: float = 1.0  # 13.1 was the only setting that gave the old runs span F1 > 0
-    pointer_delta: float = 0.08
-    countdown_delta: float = 1.0
-    weighting: str = "uncertainty"
-    weighting_options: dict = field(default_factory=dict)
+class LossConfig(LossSection):
+    """The run config's `loss:` section (`pipeline.config.LossSection`: one source of the
+    defaults), checked on construction."""
 
     def __post_init__(self):
         if self.countdown_scale not in COUNTDOWN_SCALES:
