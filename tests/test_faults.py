@@ -50,6 +50,20 @@ def start(args, env=None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Poll `condition` until it holds, `proc` ends or `timeout` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None) and not condition():
+        time.sleep(0.05)
+
+
+def assert_failed_clearly(proc: subprocess.Popen, err: str, *needles: str) -> None:
+    assert proc.returncode != 0, err[-3000:]
+    assert "Traceback" not in err, err[-4000:]
+    for needle in needles:
+        assert needle in err, err[-4000:]
+
+
 def first_train_shard(data) -> str:
     import json
     manifest = json.loads(open(os.path.join(data, "manifest.json")).read())
@@ -115,9 +129,7 @@ def test_two_runs_on_one_out_dir_only_one_runs(shards, small_yaml, tmp_path):
     a, b = start(args), start(args)
     try:
         # A third, started while the winner is still training, is refused too.
-        deadline = time.time() + 120
-        while time.time() < deadline and not checkpoint_dirs(str(out)):
-            time.sleep(0.1)
+        wait_until(lambda: checkpoint_dirs(str(out)))
         assert checkpoint_dirs(str(out)), "no run got going"
         assert any(p.poll() is None for p in (a, b)), "the winner ended before the third try"
         third = run_cli(*args, timeout=240)
@@ -175,18 +187,14 @@ def test_disk_full_while_writing_checkpoints_keeps_only_whole_ones_and_resume_wo
         out = mnt / "run"
         proc = start([*train_args(shards, out, small_yaml, epochs=3), "--checkpoint-every", "2"])
         try:
-            deadline = time.time() + 120
-            while time.time() < deadline and proc.poll() is None and not any(
-                    (out / n / "meta.json").exists() for n in checkpoint_dirs(str(out))):
-                time.sleep(0.05)
+            wait_until(lambda: any((out / n / "meta.json").exists()
+                                   for n in checkpoint_dirs(str(out))), proc)
             filler = fill(mnt)
             _, err = proc.communicate(timeout=240)
         finally:
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode != 0, err[-3000:]
-        assert "Traceback" not in err, err[-4000:]
-        assert "no space left on device" in err, err[-4000:]
+        assert_failed_clearly(proc, err, "no space left on device")
         whole = [n for n in checkpoint_dirs(str(out)) if (out / n / "meta.json").exists()]
         assert whole
         os.remove(filler)
@@ -243,18 +251,13 @@ def test_s3_down_during_checkpoints_fails_clearly_and_resume_skips_partial_check
 
     proc = start([*train_args(shards, out, small_yaml, epochs=3), "--checkpoint-every", "1"], env)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and \
-                not any(k.endswith("/meta.json") for k in keys()):
-            time.sleep(0.05)
+        wait_until(lambda: any(k.endswith("/meta.json") for k in keys()), proc)
         own_s3.stop()                                  # mid-run: checkpoints every step
         _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0, err[-3000:]
-    assert "Traceback" not in err, err[-4000:]
-    assert "cannot reach the S3 endpoint" in err and out in err, err[-3000:]
+    assert_failed_clearly(proc, err, "cannot reach the S3 endpoint", out)
 
     restart(own_s3)
     whole = sorted({k.split("/")[1] for k in keys() if k.endswith("/meta.json")})
