@@ -1,19 +1,24 @@
 """GPU step throughput (issue 8): the pipeline's worker loop against a plain loop, same run.
 
     .venv/bin/python bench/gpu_step.py [--batches 32,256,2048,8192] [--steps 30] [--epochs 3]
-                                       [--workers 1] [--quick]
+                                       [--workers 1] [--graphs auto|off] [--quick]
 
 (a) plain: MultiTaskModel (JadeCompact, all four heads) + AdamW (fused on CUDA), one batch
     already on the device, the same step repeated: forward, backward, clip, step. No loader.
+(g) graphed plain (CUDA only): the same step captured as one CUDA graph by the textbook recipe
+    (static batch, 3 warm-up steps on a side stream, capturable fused AdamW with a tensor lr),
+    replayed. It does not use the pipeline's code: it is the ceiling issue 8 measures against.
 (b) pipeline: `moola-pipeline train` on shards of `--steps` batches, its metrics.jsonl
     `samples_per_s` (training phase) over epochs 1.. (epoch 0 is warm-up). `--workers 1` is one
     Ray Train worker (1 GPU on CUDA); `--workers 0` is Ray Train local mode (the same loop in
     the command's own process, where its GPU memory can be read).
-(loader) the ShardLoader alone over the same shards: it must outrun (a), or it is the bottleneck.
+(loader) the ShardLoader alone over the same shards: it must outrun (g), or it is the bottleneck.
 
 On CUDA: batches 32..8192, fp32 and bf16. On CPU: the same comparison at small sizes (`--quick`:
-batch 32 and 256, few steps, local mode) so it stays tested; bf16 is CUDA only. Prints one line
-per (batch, precision): samples/s of a and b, b/a, loader samples/s, peak GPU memory.
+batch 32 and 256, few steps, local mode) so it stays tested; bf16 and (g) are CUDA only. Prints
+one line per (batch, precision): samples/s of a, g and b, b/g (the issue's ratio: >= 0.7 at
+batch 32 and 256, >= 0.85 from 2,048), b/a, loader samples/s, peak GPU memory. `--graphs off`
+runs (b) with train.cuda_graphs off (the eager worker loop) for comparison.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ def make_data(path: str, n_train: int, n_val: int) -> None:
                                                  random_chunks(n_val, split="val", seed=1)))
 
 
-def plain_step_rate(data: str, batch_size: int, steps: int, precision: str, device) -> tuple[float, int]:
-    """(samples/s, peak bytes) of the plain loop with one batch resident on the device."""
+def plain_step_rate(data: str, batch_size: int, steps: int, precision: str, device,
+                    graphed: bool = False) -> tuple[float, int]:
+    """(samples/s, peak bytes) of the plain loop with one batch resident on the device;
+    `graphed`: the step captured as one CUDA graph and replayed."""
     from pipeline.data.loader import ShardLoader
     from pipeline.model import JadeCompact, JadeConfig
     from pipeline.reducer import LossConfig, MultiTaskModel, build_weighting
@@ -57,7 +64,11 @@ def plain_step_rate(data: str, batch_size: int, steps: int, precision: str, devi
     if precision == "bf16":
         autocast_model(model.model, device)
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True if cuda else None)
+    if graphed:  # a tensor lr and capturable: the optimiser step can live in the graph
+        optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=device),
+                                      fused=True, capturable=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True if cuda else None)
     loader = ShardLoader(data, "train", batch_size=batch_size, seed=0, verify=False)
     loader.set_epoch(0)
     batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
@@ -73,13 +84,29 @@ def plain_step_rate(data: str, batch_size: int, steps: int, precision: str, devi
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
+    run = step
+    if graphed:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph, stream=side):
+            total, _, _ = model(batch)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        run = graph.replay
     for _ in range(max(3, steps // 5)):  # warm-up: cuDNN autotuning, allocator, lazy init
-        step()
+        run()
     if cuda:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        run()
     if cuda:
         torch.cuda.synchronize(device)
     rate = steps * batch_size / (time.perf_counter() - start)
@@ -108,11 +135,14 @@ if torch.cuda.is_available():
 
 
 def pipeline_rate(data: str, out: str, batch_size: int, epochs: int, precision: str,
-                  workers: int, threads: int, cuda: bool) -> tuple[float, int | None]:
-    """(steady samples/s of the training phase, peak GPU bytes or None) of one train run."""
+                  workers: int, threads: int, cuda: bool,
+                  graphs: str = "auto") -> tuple[float, int | None, int]:
+    """(steady samples/s of the training phase, peak GPU bytes or None, graphed steps of the
+    last epoch) of one train run. Diagnostics off (train.probe), as issue 3 asks of benches."""
     cfg = Path(out + ".yaml")
     gpus = 1 if cuda else 0
     cfg.write_text(f"model:\n  hidden: {HIDDEN}\ntrain:\n  precision: {precision}\n"
+                   f"  probe: false\n  cuda_graphs: {graphs}\n"
                    f"cluster:\n  cpus_per_worker: {threads}\n  gpus_per_worker: {gpus}\n")
     cmd = [sys.executable, "-c", CHILD, "train", "--data", data, "--out", out,
            "--config", str(cfg), "--workers", str(workers), "--epochs", str(epochs),
@@ -128,7 +158,7 @@ def pipeline_rate(data: str, out: str, batch_size: int, epochs: int, precision: 
     if workers == 0:
         peak = next((int(line.split()[1]) for line in proc.stdout.splitlines()
                      if line.startswith("PEAK_GPU_BYTES")), None)
-    return sum(steady) / len(steady), peak
+    return sum(steady) / len(steady), peak, records[-1].get("graphed_steps", 0)
 
 
 def main() -> None:
@@ -139,6 +169,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None,
                     help="1: one Ray worker; 0: Ray Train local mode [1 on CUDA, 0 on CPU]")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--graphs", choices=["auto", "off"], default="auto",
+                    help="train.cuda_graphs of the pipeline run (b)")
     ap.add_argument("--quick", action="store_true", help="CPU test size: batch 32,256, 2 epochs")
     args = ap.parse_args()
 
@@ -154,10 +186,14 @@ def main() -> None:
 
     where = (torch.cuda.get_device_name(0) if cuda else f"CPU, {args.threads} thread(s)")
     mode = "1 Ray worker" if workers == 1 else f"{workers} Ray workers" if workers else "local mode"
-    print(f"device: {where}; torch {torch.__version__}; pipeline: {mode}; "
+    versions = f"torch {torch.__version__}"
+    if cuda:
+        versions += (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                     f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    print(f"device: {where}; {versions}; pipeline: {mode}, cuda_graphs {args.graphs}; "
           f"{steps} steps per epoch, {epochs} epochs (epoch 0 = warm-up)")
-    print(f"{'batch':>6} {'prec':>5} {'plain a/s':>11} {'pipeline b/s':>13} {'b/a':>6} "
-          f"{'loader/s':>11} {'GPU MiB a':>10} {'GPU MiB b':>10}")
+    print(f"{'batch':>6} {'prec':>5} {'plain a/s':>11} {'graphed g/s':>12} {'pipeline b/s':>13} "
+          f"{'b/g':>6} {'b/a':>6} {'graphed':>8} {'loader/s':>11} {'GPU MiB a':>10} {'GPU MiB b':>10}")
     with tempfile.TemporaryDirectory(prefix="moola-gpu-step-") as tmp:
         for batch_size in batches:
             data = os.path.join(tmp, f"shards-{batch_size}")
@@ -165,11 +201,16 @@ def main() -> None:
             load = loader_rate(data, batch_size)
             for precision in precisions:
                 a, mem_a = plain_step_rate(data, batch_size, steps, precision, device)
-                b, mem_b = pipeline_rate(data, os.path.join(tmp, f"run-{batch_size}-{precision}"),
-                                         batch_size, epochs, precision, workers, args.threads, cuda)
+                g = (plain_step_rate(data, batch_size, steps, precision, device, graphed=True)[0]
+                     if cuda else None)
+                b, mem_b, graphed = pipeline_rate(
+                    data, os.path.join(tmp, f"run-{batch_size}-{precision}"), batch_size, epochs,
+                    precision, workers, args.threads, cuda, args.graphs)
                 mib = lambda x: "n/a" if not cuda or x is None else f"{x / 2**20:.0f}"  # noqa: E731
-                print(f"{batch_size:>6} {precision:>5} {a:>11.1f} {b:>13.1f} {b / a:>6.2f} "
-                      f"{load:>11.1f} {mib(mem_a):>10} {mib(mem_b):>10}", flush=True)
+                g_text, bg = ("n/a", "n/a") if g is None else (f"{g:.1f}", f"{b / g:.2f}")
+                print(f"{batch_size:>6} {precision:>5} {a:>11.1f} {g_text:>12} {b:>13.1f} "
+                      f"{bg:>6} {b / a:>6.2f} {f'{graphed}/{steps}':>8} {load:>11.1f} "
+                      f"{mib(mem_a):>10} {mib(mem_b):>10}", flush=True)
 
 
 if __name__ == "__main__":

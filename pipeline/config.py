@@ -84,6 +84,11 @@ class TrainSection:
     # "bf16": the model's forward under bf16 autocast (meant for GPUs; losses, reducer and
     # optimiser state stay fp32). Not part of config_hash: a resume may switch it.
     precision: str = "fp32"
+    # CUDA graphs (pipeline/train/step.py): "auto" captures the step on a single CUDA worker
+    # (small batches are launch-bound: one launch per step instead of hundreds), "on" also under
+    # DDP, "off" never. Full batches only; the last smaller batch and probe steps run eagerly.
+    # YAML reads a bare on/off as true/false: both spellings are accepted.
+    cuda_graphs: str | bool = "auto"
 
 
 @dataclass
@@ -154,6 +159,13 @@ class TrainConfig:
             raise UserError(f"train.best_mode must be 'min' or 'max', got {t.best_mode!r}")
         if t.precision not in ("fp32", "bf16"):
             raise UserError(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+        if isinstance(t.cuda_graphs, bool):
+            t.cuda_graphs = "on" if t.cuda_graphs else "off"
+        if t.cuda_graphs not in ("auto", "on", "off"):
+            raise UserError(f"train.cuda_graphs must be 'auto', 'on' or 'off', got {t.cuda_graphs!r}")
+        if t.cuda_graphs == "on" and c.workers and not c.gpus_per_worker:
+            raise UserError("train.cuda_graphs 'on' needs GPU workers: set cluster.gpus_per_worker "
+                            "(--gpus-per-worker) > 0, or use 'auto'")
         if t.scheduler not in ("constant", "cosine"):
             raise UserError(f"train.scheduler must be 'constant' or 'cosine', got {t.scheduler!r}")
         for key in ("checkpoint_every_steps", "early_stop_patience", "grad_clip", "probe_every"):

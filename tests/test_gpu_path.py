@@ -144,8 +144,17 @@ def test_bench_quick_prints_the_comparison():
     rows = [line.split() for line in proc.stdout.splitlines()
             if re.match(r"^\s*\d+\s+fp32\s", line)]
     assert [int(r[0]) for r in rows] == [32, 256], proc.stdout
-    for batch, _, a, b, ratio, load, *_ in rows:
+    for batch, _, a, g, b, bg, ratio, graphed, load, *_ in rows:
         a, b, ratio, load = float(a), float(b), float(ratio), float(load)
         assert a > 0 and b > 0 and load > 0
         assert ratio == pytest.approx(b / a, abs=0.006)
+        assert g == bg == "n/a"        # no CUDA graph without CUDA
+        assert graphed == "0/4"        # and the pipeline ran its 4 steps eagerly
     assert "pipeline: local mode" in proc.stdout  # states which mode (b) ran in
+
+
+def test_ddp_graph_bench_without_gpus_says_what_it_needs():
+    proc = subprocess.run([sys.executable, "bench/gpu_ddp.py"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "needs 2 CUDA GPUs" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,5 +1,6 @@
 """`train` on the session's real Ray cluster: 2 DDP workers match 1 worker on the same global
-batch (the reducer is exact, data order is seeded), and the record has every key."""
+batch (the reducer is exact, data order is seeded), also when the 2 workers run the CUDA-graph
+schedule (replayed eagerly here: no GPU), and the record has every key."""
 
 from __future__ import annotations
 
@@ -26,20 +27,28 @@ def runs(tmp_path_factory, _ray_heads):
     shards = make_shards(base / "shards", n_train=40, n_val=12)
     cfg = base / "run.yaml"
     cfg.write_text(NO_DROPOUT)
+    # The graphed schedule under DDP warms up 11 steps: with no probe steps, 3 epochs of 5
+    # give 11 warm-up steps, then a capture and 4 replays in the last epoch.
+    graph_cfg = base / "graphed.yaml"
+    graph_cfg.write_text(NO_DROPOUT.replace("probe_every: 3", "probe: false"))
     out = {}
-    for workers in (1, 2):
-        out[workers] = base / f"w{workers}"
+    for name, workers, config, env in ((1, 1, cfg, {}), (2, 2, cfg, {}),
+                                       ("graphed", 2, graph_cfg, {"MOOLA_GRAPH_REPLAY": "eager"})):
+        out[name] = base / f"w{name}"
         proc = run_cli("train", "--address", ray_cluster.address, "--workers", str(workers),
-                       "--data", shards, "--out", out[workers], "--config", cfg,
-                       "--epochs", "2", "--batch-size", "8", env=ray_cluster.env(), timeout=300)
+                       "--data", shards, "--out", out[name], "--config", config,
+                       "--epochs", "3", "--batch-size", "8", env=ray_cluster.env() | env,
+                       timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
-def test_two_workers_match_one_worker_on_the_same_global_batch(runs):
-    one, two = read_metrics(str(runs[1])), read_metrics(str(runs[2]))
-    assert [r["world_size"] for r in two] == [2, 2]
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [5, 10]
+@pytest.mark.parametrize("which", [2, "graphed"])
+def test_two_workers_match_one_worker_on_the_same_global_batch(runs, which):
+    one, two = read_metrics(str(runs[1])), read_metrics(str(runs[which]))
+    assert [r["world_size"] for r in two] == [2, 2, 2]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [5, 10, 15]
+    assert [r["graphed_steps"] for r in two] == ([0, 0, 4] if which == "graphed" else [0, 0, 0])
     for a, b in zip(one, two):
         for split in ("train", "val"):
             assert b[split] == pytest.approx(a[split], rel=1e-4, abs=1e-6), split
@@ -47,7 +56,7 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(runs):
         assert b["countdown"]["mae_bars"] == pytest.approx(a["countdown"]["mae_bars"], rel=1e-4)
         assert b["type"]["accuracy"] == pytest.approx(a["type"]["accuracy"])
     pa = read_state(f"{runs[1]}/{checkpoint_dirs(str(runs[1]))[-1]}")["model"]
-    pb = read_state(f"{runs[2]}/{checkpoint_dirs(str(runs[2]))[-1]}")["model"]
+    pb = read_state(f"{runs[which]}/{checkpoint_dirs(str(runs[which]))[-1]}")["model"]
     for k in pa:
         assert torch.allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5), k
 
@@ -61,7 +70,7 @@ def test_ray_run_record_has_every_key_and_ray_checkpoints(runs):
             assert task in r
         assert r["span"]["f1"] is not None and r["pointer"]["hit3_start"] is not None
     names = checkpoint_dirs(str(runs[2]))
-    assert names[-1] == "checkpoint_e0002_s00000010"
+    assert names[-1] == "checkpoint_e0003_s00000015"
     files = set(p.name for p in (runs[2] / names[-1]).iterdir())
     assert {"state.pt", "meta.json", "rng-rank0.pt", "rng-rank1.pt"} <= files  # both ranks' parts
     assert (runs[2] / "checkpoint_manager_snapshot.json").exists()          # Ray's own state

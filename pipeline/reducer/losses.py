@@ -60,7 +60,8 @@ def element_losses(outputs: dict, batch: dict, cfg: LossConfig) -> dict[str, tup
             bar_mask = bar_mask & valid.to(torch.bool)
     if "span_logits" in outputs:
         logits = outputs["span_logits"]
-        pos_weight = torch.tensor(cfg.span_pos_weight, dtype=logits.dtype, device=logits.device)
+        # new_full, not torch.tensor(..., device=): no host-to-device copy inside a CUDA graph
+        pos_weight = logits.new_full((), cfg.span_pos_weight)
         target = span_target(start, end).to(logits.dtype)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
                                                  pos_weight=pos_weight)

@@ -37,38 +37,40 @@ class DeviceFeed:
         self.cuda = self.device.type == "cuda"
         self.prefetch = self.cuda if prefetch is None else prefetch
         self.loader_state = loader.state_dict()  # the state right after the yielded batch
+        self.global_size = 0  # rows of the global batch the yielded slice was cut from
 
     def __iter__(self):
         batches = iter(self.loader)
         if not self.prefetch:
             for batch in batches:
                 self.loader_state = self.loader.state_dict()
+                self.global_size = batch["label"].shape[0]
                 yield self._to_device(rank_slice(batch, self.rank, self.world))
             return
         stream = torch.cuda.Stream(self.device) if self.cuda else None
         staged = self._stage(batches, stream)
         while staged is not None:
-            batch, state = staged
+            batch, state, size = staged
             if stream is not None:  # the step's stream waits for the copy, and owns its memory
                 current = torch.cuda.current_stream(self.device)
                 current.wait_stream(stream)
                 for v in batch.values():
                     v.record_stream(current)
             staged = self._stage(batches, stream)  # next batch's copy overlaps this step
-            self.loader_state = state
+            self.loader_state, self.global_size = state, size
             yield batch
 
     def _stage(self, batches, stream):
         batch = next(batches, None)
         if batch is None:
             return None
-        state = self.loader.state_dict()
+        state, size = self.loader.state_dict(), batch["label"].shape[0]
         part = rank_slice(batch, self.rank, self.world)
         if stream is None:
-            return self._to_device(part), state
+            return self._to_device(part), state, size
         with torch.cuda.stream(stream):
             return {k: v.pin_memory().to(self.device, non_blocking=True)
-                    for k, v in part.items()}, state
+                    for k, v in part.items()}, state, size
 
     def _to_device(self, part: dict) -> dict:
         if self.device.type == "cpu":

@@ -36,6 +36,8 @@ from pipeline.train.device_feed import DeviceFeed, autocast_model
 from pipeline.train.device_feed import rank_slice as device_slice
 from pipeline.train.metrics import TaskMetrics
 from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
+from pipeline.train.step import (WARMUP_DDP, WARMUP_SINGLE, TrainStep, load_optimizer_state,
+                                 make_optimizer, portable_state, use_graphs)
 
 # Stand-in score for mid-epoch checkpoints (no val metric yet): ranked below every epoch end.
 WORST = {"min": 1e30, "max": -1e30}
@@ -74,9 +76,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     multitask = MultiTaskModel(JadeCompact(model_cfg), weighting, loss_cfg).to(device)
     if t.precision == "bf16":  # the LSTM and heads only: losses stay fp32
         autocast_model(multitask.model, device)
-    # Fused AdamW on CUDA: one kernel for all parameters instead of a launch per tensor.
-    optimizer = torch.optim.AdamW(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr),
-                                  fused=True if device.type == "cuda" else None)
+    graphs, replay = _graph_plan(t.cuda_graphs, device, world)
+    # Fused AdamW on CUDA (one kernel for all parameters); capturable when graphed.
+    optimizer = make_optimizer(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr),
+                               device, graphs)
     scheduler = _scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
     probe = GradientProbe()  # measured by hand below: at each epoch's last batch (+ every N)
 
@@ -90,7 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = ckpt.read_state(cdir)
             _check_resumable(state, cfg, manifest_hash, cdir)
             multitask.load_state_dict(state["multitask"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"], device, graphs)
             scheduler.load_state_dict(state["scheduler"])
             train_loader.load_state_dict(state["loader"])
             vars(probe).update(state["probe"])
@@ -106,7 +109,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             train_loader.set_epoch(0)
             torch.manual_seed(seed * 1000 + rank + 1)  # dropout differs per rank, fixed by seed
 
-    model = ray.train.torch.prepare_model(multitask)
+    # Graphed DDP: DDP is built on the side stream the step warms up and captures on
+    # (PyTorch's CUDA-graph notes); eager runs build it as usual.
+    stream = torch.cuda.Stream(device) if graphs and device.type == "cuda" else None
+    with (torch.cuda.stream(stream) if stream is not None else _nullpath(None)):
+        model = ray.train.torch.prepare_model(multitask)
+    train_step = TrainStep(model, optimizer, model_cfg.tasks, t.grad_clip, device, graphs=graphs,
+                           warmup=WARMUP_DDP if world > 1 else WARMUP_SINGLE, replay=replay,
+                           stream=stream)
     log = MetricsLog(cfg.out, keep_before_epoch=epoch) if rank == 0 else None
     sink = _epoch_sink(cfg) if rank == 0 else None
     score_attr = "best_score"
@@ -118,7 +128,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state = meta = None
         if rank == 0:
             state = {"multitask": multitask.state_dict(), "model": multitask.model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     # tensor learning rates (graphed runs) as floats: loadable anywhere
+                     "optimizer": portable_state(optimizer.state_dict()),
+                     "scheduler": portable_state(scheduler.state_dict()),
                      "loader": loader_state or train_loader.state_dict(),
                      "probe": dict(vars(probe)),
                      "epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
@@ -145,32 +157,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # ---- train ----------------------------------------------------------------------
         model.train()
         started, started_at = time.perf_counter(), time.time()
-        # Sums stay on the device (no host sync per step) until the epoch's one all-reduce.
-        loss_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64, device=device)
+        # Sums stay on the device (no host sync per step) until the epoch's one all-reduce; the
+        # step adds to them in place (a captured step holds this very tensor).
+        loss_sums = train_step.loss_sums
+        loss_sums.zero_()
         batches, samples = 0, 0
+        replayed_before = train_step.counts["replayed"]
         if partial is not None and rank == 0:  # resumed mid-epoch: count the batches before
             n = len(model_cfg.tasks)              # the checkpoint (global sums, held by rank 0)
-            loss_sums = partial[:n].to(device)
+            loss_sums.copy_(partial[:n])
             batches, samples = int(partial[n]), int(partial[n + 1])
         partial = None
         # Resumes mid-epoch: the loader skips consumed batches. On CUDA the feed copies the
         # next batch while this step runs, so the loader is one batch ahead of feed.loader_state.
         feed = DeviceFeed(train_loader, rank, world, device)
         for batch in feed:
-            total, losses, _ = model(batch)
             last_batch = feed.loader_state["batches_consumed"] == steps_per_epoch
-            if t.probe and (last_batch or (t.probe_every and (step + 1) % t.probe_every == 0)):
-                probe.measure(model, losses)  # before backward: it reuses this forward's graph
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
+            probe_now = t.probe and (last_batch or (t.probe_every and (step + 1) % t.probe_every == 0))
+            # forward, (probe), backward, clip, optimizer step, loss sums: eager or one graph
+            train_step(batch, feed.global_size, t.batch_size,
+                       (lambda losses: probe.measure(model, losses)) if probe_now else None)
             scheduler.step()
             step += 1
             batches += 1
             samples += batch["label"].shape[0]
-            loss_sums += torch.stack([losses[k].detach().double() for k in model_cfg.tasks])
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 \
                     and feed.loader_state["batches_consumed"] < steps_per_epoch:
                 sums = torch.cat([loss_sums, _f64([batches, samples], device)])
@@ -225,7 +235,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             **task_metrics,
             "samples_per_s": g_samples / train_time if train_time > 0 else None,
             "epoch_time_s": train_time, "started_at": started_at,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            # steps replayed from the CUDA graph (this rank; 0 when eager)
+            "graphed_steps": train_step.counts["replayed"] - replayed_before,
         }
 
         # Best checkpoint and early stopping: every rank decides the same from the same
@@ -266,6 +278,18 @@ def rank_slice(batch: dict, rank: int, world: int, device) -> dict:
     get none of a last batch smaller than W, and still takes part in every collective)."""
     # The loop itself goes through DeviceFeed (pinned, prefetched on CUDA); same slicing.
     return {k: v.to(device) for k, v in device_slice(batch, rank, world).items()}
+
+
+def _graph_plan(setting: str, device: torch.device, world: int) -> tuple[bool, str]:
+    """(capture the step?, how to replay it). MOOLA_GRAPH_REPLAY=eager is a test hook: on a
+    machine without CUDA it runs the graphed schedule with the recorded step replayed eagerly."""
+    from pipeline.errors import UserError
+    if os.environ.get("MOOLA_GRAPH_REPLAY") == "eager" and device.type != "cuda":
+        return setting != "off", "eager"
+    if setting == "on" and device.type != "cuda":
+        raise UserError(f"train.cuda_graphs is 'on' but this worker runs on {device.type}: "
+                        f"CUDA graphs need a GPU (use 'auto' to capture only where there is one)")
+    return use_graphs(setting, device, world), "cuda"
 
 
 def _config(loop_config: dict) -> TrainConfig:

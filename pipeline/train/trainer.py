@@ -90,6 +90,12 @@ def preflight(cfg: TrainConfig) -> dict:
         import torch
         check_resources(cfg, len(os.sched_getaffinity(0)), torch.cuda.device_count(),
                         "this machine")
+        if (cfg.train.cuda_graphs == "on" and cfg.cluster.workers == 0
+                and not torch.cuda.is_available()
+                and os.environ.get("MOOLA_GRAPH_REPLAY") != "eager"):  # test hook: loop._graph_plan
+            raise UserError("train.cuda_graphs is 'on' but local mode runs on this machine, which "
+                            "has no GPU: CUDA graphs need one (use 'auto' to capture only where "
+                            "there is one)")
     model_cfg = JadeConfig(n_features=len(manifest["features"]), **asdict(cfg.model))
     loss_cfg = LossConfig(**asdict(cfg.loss))
     build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
@@ -217,7 +223,9 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
         name=storage.basename(cfg.out),
         logging_config=ray.train.LoggingConfig(log_level=log_level),
         # Train's print patch would send each line of the epoch summary to the console twice.
-        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        # MOOLA_GRAPH_REPLAY: the CPU test hook of the CUDA-graph schedule (loop._graph_plan).
+        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{
+            k: os.environ[k] for k in ("MOOLA_GRAPH_REPLAY",) if k in os.environ}}},
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         callbacks=[FailureReporter(c.max_failures)],  # says which workers died, what next
         checkpoint_config=ray.train.CheckpointConfig(

@@ -55,13 +55,14 @@ class RunningMeanWeighting(Weighting):
             current /= world
         current = current.to(self.running.device)
         self.steps += 1
-        if int(self.steps) <= self.warmup_steps:  # simple average of the steps so far
-            self.running += (current - self.running) / self.steps.to(torch.float64)
-        else:
-            self.running.mul_(self.momentum).add_((1 - self.momentum) * current)
+        # torch.where, not `if int(self.steps)`: no host sync, so the step can be a CUDA graph.
+        average = self.running + (current - self.running) / self.steps.to(torch.float64)
+        ema = self.running * self.momentum + (1 - self.momentum) * current
+        self.running.copy_(torch.where(self.steps <= self.warmup_steps, average, ema))
 
     def task_terms(self, losses):
-        denom = self.running.clamp(min=1e-12) if int(self.steps) > 0 else torch.ones_like(self.running)
+        denom = torch.where(self.steps > 0, self.running.clamp(min=1e-12),
+                            torch.ones_like(self.running))
         return {t: self.fixed[t] * losses[t] / denom[i].to(losses[t].dtype)
                 for i, t in enumerate(self.tasks)}
 
