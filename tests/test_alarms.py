@@ -147,6 +147,9 @@ def test_summary_line_has_losses_weights_and_metrics():
     for part in ("| val type ", "| w type ", "ptr ", "cd ", "span F1 ", "samples/s"):
         assert part in line
     assert "\n" not in line
+    assert "graphed" not in line  # an eager run (the recorded one) says nothing of graphs
+    record = json.loads((RECORDED / "metrics.jsonl").read_text().splitlines()[3])
+    assert summary_line(record | {"graphed_steps": 61}).endswith(" 61 graphed")
 
 
 def test_epoch_progress_plain_lines_when_not_a_tty():

@@ -9,14 +9,16 @@ the eager step is the assertion; the capture itself is exercised by bench/gpu_st
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from pipeline.model import JadeCompact, JadeConfig
 from pipeline.reducer import LossConfig, MultiTaskModel, build_weighting
 from pipeline.train.rundir import read_metrics
-from pipeline.train.step import (TrainStep, load_optimizer_state, make_optimizer, portable_state,
-                                 use_graphs)
+from pipeline.train.step import (TrainStep, load_optimizer_state, make_optimizer, make_scheduler,
+                                 portable_state, use_graphs)
 from tests.fixtures.cli import assert_user_error, run_cli
 from tests.test_train_local import SMALL_MODEL, make_shards
 
@@ -45,17 +47,18 @@ def _batch(n, seed):
 EPOCHS = [[_batch(FULL, e * 10 + i) for i in range(5)] + [_batch(5, e * 10 + 9)] for e in range(2)]
 
 
-def _train(graphs, weighting="uncertainty", scheduler="cosine", epochs=EPOCHS, state=None):
+def _train(graphs, weighting="uncertainty", scheduler="cosine", epochs=EPOCHS, state=None,
+           fallback=False):
     model, tasks = _model(weighting)
     model.train()
     optimizer = make_optimizer(model.param_groups(1e-2, 0.01, 0.05), torch.device("cpu"), graphs)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=12) if scheduler == "cosine"
-             else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
+    sched = make_scheduler(optimizer, scheduler, 12)
     if state is not None:
         model.load_state_dict(state["model"])
         load_optimizer_state(optimizer, state["optimizer"], "cpu", graphs)
         sched.load_state_dict(state["scheduler"])
-    step = TrainStep(model, optimizer, tasks, 1.0, "cpu", graphs=graphs, warmup=2, replay="eager")
+    step = TrainStep(model, optimizer, tasks, 1.0, "cpu", graphs=graphs, warmup=2, replay="eager",
+                     fallback=fallback)
     torch.manual_seed(7)  # dropout draws the same numbers either way
     if state is not None:
         torch.set_rng_state(state["rng"])
@@ -87,9 +90,13 @@ def test_graphed_schedule_trains_like_the_eager_step(weighting):
     torch.testing.assert_close(params, eager_params, rtol=1e-5, atol=1e-6)
     for a, b in zip(sums, eager_sums):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
-    # The cosine schedule reached the captured step through the lr tensor, in place.
-    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
-    assert float(optimizer.param_groups[0]["lr"]) < 1e-2 * 0.5
+    # The cosine schedule reached the captured step through the lr tensor, in place, computed
+    # on the host in float64 (one rounding to float32).
+    lr = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32
+    assert isinstance(optimizer.param_groups[0]["initial_lr"], float)
+    expected = 1e-2 * 0.5 * (1 + math.cos(math.pi * 12 / 12))
+    assert float(lr) == pytest.approx(expected, abs=1e-9)
 
 
 def test_replays_read_each_new_batch_not_the_captured_one():
@@ -117,6 +124,54 @@ def test_a_probe_step_or_a_smaller_batch_before_capture_does_not_count_as_warmup
     assert step.graph is not None and step.counts == {"eager": 3, "replayed": 1}
     step(_batch(FULL, 5) | {"extra": torch.zeros(FULL)}, FULL, FULL)  # other keys: eager
     assert step.counts == {"eager": 4, "replayed": 1}
+
+
+def _syncing_step(self, fn):
+    fn()  # the step still runs (sync debug "warn" mode only reports)
+    return ["called a synchronizing CUDA operation"]
+
+
+def test_a_step_that_syncs_with_the_host_stays_eager_under_auto(monkeypatch, capsys):
+    eager_params, eager_sums, *_ = _train(False)
+    monkeypatch.setattr(TrainStep, "_syncs_in", _syncing_step)
+    params, sums, step, *_ = _train(True, fallback=True)
+    err = capsys.readouterr().err
+    assert err.count("warning: not using CUDA graphs: the step synchronises with the host "
+                     "(called a synchronizing CUDA operation)") == 1
+    assert step.graph is None and step.counts == {"eager": 12, "replayed": 0}
+    torch.testing.assert_close(params, eager_params, rtol=1e-5, atol=1e-6)
+    for a, b in zip(sums, eager_sums):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_a_step_that_syncs_with_the_host_is_one_clear_error_under_on(monkeypatch):
+    from pipeline.errors import UserError
+    monkeypatch.setattr(TrainStep, "_syncs_in", _syncing_step)
+    with pytest.raises(UserError, match=r"train.cuda_graphs 'on': cannot capture .* synchronises "
+                                         r"with the host .*use 'auto'"):
+        _train(True)
+
+
+def test_only_the_last_warmup_step_is_checked_for_syncs(monkeypatch):
+    checked = []
+    monkeypatch.setattr(TrainStep, "_syncs_in", lambda self, fn: checked.append(self.warmed) or fn() or [])
+    _train(True, epochs=EPOCHS[:1])
+    assert checked == [1]  # warmup=2: the second warm-up step, once
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_failed_capture_stops_the_run_with_the_way_out(monkeypatch, fallback):
+    """A failed capture leaves the CUDA stream and allocator undefined: never train on."""
+    from pipeline.errors import UserError
+
+    def failing(self):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    monkeypatch.setattr(TrainStep, "_record", failing)
+    with pytest.raises(UserError) as err:
+        _train(True, fallback=fallback)
+    assert str(err.value) == ("capturing the training step as a CUDA graph failed (RuntimeError: "
+                              "CUDA error: operation not permitted when stream is capturing): set "
+                              "train.cuda_graphs: off")
 
 
 @pytest.mark.parametrize("writer,reader", [(True, False), (False, True), (True, True)])

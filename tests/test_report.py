@@ -122,6 +122,18 @@ def test_alarms_are_at_the_top_of_a_starving_runs_report(tmp_path):
     assert "No balance alarms" in text and 'class="alarms"' not in text
 
 
+def test_report_says_how_many_steps_ran_from_a_cuda_graph(tmp_path):
+    from pipeline.report.html import write_report  # in-process: one CLI start less
+    run = copy_run(tmp_path)
+    assert "CUDA graphs" not in Path(write_report(str(run))).read_text()  # an eager run
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) | {"graphed_steps": 4} for line in lines]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = Path(write_report(str(run))).read_text()
+    assert (f"CUDA graphs: {4 * len(records)} of the {records[-1]['step']} training steps"
+            in text)
+
+
 def test_report_says_what_is_missing(tmp_path):
     run = copy_run(tmp_path)
     (run / "best_val_predictions.npz").unlink()

@@ -76,6 +76,11 @@ def render_report(run: Run) -> str:
     body += _prediction_section(run, no_data)
     body += ["<h2>Throughput</h2>",
              img(plots.throughput_curves(records, epochs), "throughput and epoch times", no_data)]
+    graphed = sum(int(r.get("graphed_steps") or 0) for r in records)
+    if graphed:  # say whether the GPU step ran from a CUDA graph (and how much of it)
+        steps = int(records[-1].get("step") or 0)
+        body.append(f"<p>CUDA graphs: {graphed} of the {steps} training steps recorded were "
+                    f"replayed from a captured graph (<code>train.cuda_graphs</code>).</p>")
     body += _config_section(run)
     body += _manifest_section(run)
     body += _missing_section(run, no_data)

@@ -56,6 +56,8 @@ def summary_line(record: dict) -> str:
         tail.append(f"{record['samples_per_s']:.0f} samples/s")
     if number(record.get("epoch_time_s")) is not None:
         tail.append(f"{record['epoch_time_s']:.1f}s")
+    if record.get("graphed_steps"):  # CUDA graphs on: say how many steps were replays
+        tail.append(f"{record['graphed_steps']} graphed")
     if tail:
         parts.append(" ".join(tail))
     return " | ".join(parts)

@@ -37,7 +37,7 @@ from pipeline.train.device_feed import rank_slice as device_slice
 from pipeline.train.metrics import TaskMetrics
 from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
 from pipeline.train.step import (WARMUP_DDP, WARMUP_SINGLE, TrainStep, load_optimizer_state,
-                                 make_optimizer, portable_state, use_graphs)
+                                 make_optimizer, make_scheduler, portable_state, use_graphs)
 
 # Stand-in score for mid-epoch checkpoints (no val metric yet): ranked below every epoch end.
 WORST = {"min": 1e30, "max": -1e30}
@@ -80,7 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Fused AdamW on CUDA (one kernel for all parameters); capturable when graphed.
     optimizer = make_optimizer(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr),
                                device, graphs)
-    scheduler = _scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
+    scheduler = make_scheduler(optimizer, t.scheduler, t.epochs * steps_per_epoch)
     probe = GradientProbe()  # measured by hand below: at each epoch's last batch (+ every N)
 
     # Resume: Ray hands back the latest reported checkpoint after a failure or for a run
@@ -114,9 +114,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stream = torch.cuda.Stream(device) if graphs and device.type == "cuda" else None
     with (torch.cuda.stream(stream) if stream is not None else _nullpath(None)):
         model = ray.train.torch.prepare_model(multitask)
+    if stream is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)  # DDP's broadcast ran there
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # DDP records and waits on CUDA events in the forward of iterations <= 10 and every
+            # 100th (runtime logging): never inside a captured forward.
+            model._set_ddp_runtime_logging_sample_rate(2**31 - 1)
     train_step = TrainStep(model, optimizer, model_cfg.tasks, t.grad_clip, device, graphs=graphs,
                            warmup=WARMUP_DDP if world > 1 else WARMUP_SINGLE, replay=replay,
-                           stream=stream)
+                           stream=stream, fallback=t.cuda_graphs == "auto" and world == 1)
     log = MetricsLog(cfg.out, keep_before_epoch=epoch) if rank == 0 else None
     sink = _epoch_sink(cfg) if rank == 0 else None
     score_attr = "best_score"
@@ -177,7 +183,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # forward, (probe), backward, clip, optimizer step, loss sums: eager or one graph
             train_step(batch, feed.global_size, t.batch_size,
                        (lambda losses: probe.measure(model, losses)) if probe_now else None)
-            scheduler.step()
+            if scheduler.needs_step:  # a constant rate costs no launch per step
+                scheduler.step()
             step += 1
             batches += 1
             samples += batch["label"].shape[0]
@@ -329,12 +336,6 @@ class _nullpath:
 
     def __exit__(self, *exc):
         return False
-
-
-def _scheduler(optimizer, kind: str, total_steps: int):
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
 def _f64(values, device=None) -> torch.Tensor:

@@ -33,6 +33,9 @@ eager fallbacks) and replays the recorded step function on the static buffers in
 
 from __future__ import annotations
 
+import math
+import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -67,9 +70,28 @@ def make_optimizer(param_groups: list[dict], device: torch.device, graphs: bool)
 def tensor_lr(optimizer: torch.optim.Optimizer, device) -> None:
     """Each group's lr as a 0-d float32 tensor on the device: a captured step reads the tensor,
     and the LR scheduler fills it in place (`_update_param_group_val`), so a changing rate
-    reaches the graph without a new capture."""
+    reaches the graph without a new capture. `initial_lr` stays a float, so the scheduler
+    computes each rate on the host in float64 and writes it with one fill."""
     for group in optimizer.param_groups:
+        group.setdefault("initial_lr", float(group["lr"]))
+        if isinstance(group["initial_lr"], torch.Tensor):
+            group["initial_lr"] = float(group["initial_lr"])
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int):
+    """"constant" or "cosine" (to 0 over `total_steps`), both a LambdaLR of the step computed in
+    closed form on the host (CosineAnnealingLR's recursive form would run in float32 on the
+    device for tensor lrs and drift ~4e-4 over 200k steps). `needs_step`: whether the loop has
+    to call step() at all (a constant rate does not)."""
+    total = max(total_steps, 1)
+    if kind == "cosine":
+        factor = lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    else:
+        factor = lambda s: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler.needs_step = kind != "constant"
+    return scheduler
 
 
 def portable_state(state: dict) -> dict:
@@ -94,14 +116,20 @@ def portable_state(state: dict) -> dict:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, device,
                          graphs: bool) -> None:
-    """Load a checkpoint's optimiser state, keeping this run's own implementation flags."""
+    """Load a checkpoint's optimiser state, keeping this run's own implementation flags.
+
+    The flags go into the saved groups *before* loading: torch places each state tensor by the
+    saved group's fused/capturable flags (a CPU-written checkpoint would otherwise leave `step`
+    on the host under a fused CUDA optimiser)."""
     flags = {k: optimizer.defaults[k] for k in ("fused", "capturable", "foreach")
              if k in optimizer.defaults}
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(dict(state, param_groups=[{**g, **flags}
+                                                       for g in state["param_groups"]]))
     for group in optimizer.param_groups:
-        group.update(flags)
         if isinstance(group["lr"], torch.Tensor) and not graphs:
             group["lr"] = float(group["lr"])
+        if isinstance(group.get("initial_lr"), torch.Tensor):
+            group["initial_lr"] = float(group["initial_lr"])
     if graphs:
         tensor_lr(optimizer, device)
 
@@ -114,16 +142,18 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tasks,
                  grad_clip: float, device, graphs: bool = False, warmup: int = WARMUP_SINGLE,
-                 replay: str = "cuda", stream=None):
+                 replay: str = "cuda", stream=None, fallback: bool = False):
         self.model, self.optimizer, self.tasks = model, optimizer, list(tasks)
         self.grad_clip, self.device = grad_clip, torch.device(device)
         self.loss_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
         self.graphs, self.warmup, self.replay = graphs, warmup, replay
+        # fallback: a step that synchronises with the host (so cannot be captured) trains on
+        # eagerly with one warning instead of failing the run; "auto" asks for it, "on" does not.
+        self.fallback = fallback
         if graphs and replay == "cuda" and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.graph = None               # torch.cuda.CUDAGraph (or _EagerReplay) once captured
         self.static: dict | None = None  # the captured step's input buffers
-        self.full_size: int | None = None  # the global batch size the graph was captured at
         self.warmed = 0                  # eager full-batch steps taken before capture
         self.counts = {"eager": 0, "replayed": 0}
         # One side stream for warmup and capture (DDP is built on it too: see the loop).
@@ -138,7 +168,7 @@ class TrainStep:
         `full_size`: the configured global batch size (only full batches are graphed).
         `before_backward(losses)`: the gradient probe; such a step runs eagerly."""
         graphable = (self.graphs and before_backward is None and global_size == full_size
-                     and (self.static is None or self._fits(batch)))
+                     and self.model.training and (self.static is None or self._fits(batch)))
         if not graphable:
             self._eager(batch, before_backward)
         elif self.graph is not None:
@@ -147,8 +177,11 @@ class TrainStep:
             self.graph.replay()
             self.counts["replayed"] += 1
         elif self.warmed < self.warmup:
-            self._on_side_stream(lambda: self._eager(batch, None), batch)
+            last = self.warmed == self.warmup - 1
+            syncs = self._on_side_stream(lambda: self._eager(batch, None), batch, check=last)
             self.warmed += 1
+            if syncs:  # capture would fail, and a failed capture leaves CUDA in a broken state
+                self._refuse(f"the step synchronises with the host ({syncs[0]})")
         else:
             self._capture(batch)
 
@@ -186,34 +219,88 @@ class TrainStep:
         # Static inputs are ordinary allocations made before capture; each replay reads them.
         self.static = {k: v.clone() for k, v in batch.items()}
         self.optimizer.zero_grad(set_to_none=True)  # backward in the capture allocates grads
-        if self.replay == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            # thread_local: Ray's and the feed's other threads may touch CUDA meanwhile.
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self._graph_body()
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        else:
-            graph = _EagerReplay(self._replay_eagerly)
+        try:
+            graph = self._record()
+        except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy
+            # After a failed capture the stream and the caching allocator are in an undefined
+            # state (PyTorch's CUDAGraph::reset says so): stop here, with the way out.
+            from pipeline.errors import UserError
+            raise UserError(f"capturing the training step as a CUDA graph failed "
+                            f"({_first_line(exc)}): set train.cuda_graphs: off") from exc
         self.graph = graph
         graph.replay()  # the capture ran nothing: this replay is the step for this batch
         self.counts["replayed"] += 1
 
-    def _on_side_stream(self, fn, batch: dict) -> None:
-        if self.stream is None:
+    def _record(self):
+        """The captured step: a CUDA graph, or the eager stand-in off CUDA."""
+        if self.replay == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            # thread_local: Ray's and the feed's other threads may touch CUDA meanwhile.
+            try:
+                with torch.cuda.graph(graph, stream=self.stream,
+                                      capture_error_mode="thread_local"):
+                    self._graph_body()
+            finally:
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            return graph
+        return _EagerReplay(self._replay_eagerly)
+
+    def _refuse(self, why: str) -> None:
+        """Graphs cannot work for this step: eager from now on ("auto"), or one clear error."""
+        if not self.fallback:
+            from pipeline.errors import UserError
+            raise UserError(f"train.cuda_graphs 'on': cannot capture the training step as a CUDA "
+                            f"graph: {why}; use 'auto' (trains eagerly then) or 'off'")
+        self.graphs = False
+        print(f"warning: not using CUDA graphs: {why}; training eagerly "
+              f"(train.cuda_graphs: off skips the check)", file=sys.stderr, flush=True)
+
+    def _on_side_stream(self, fn, batch: dict, check: bool = False) -> list[str]:
+        """Run fn on the warm-up stream; with `check`, under CUDA's sync debug mode, returning
+        the host synchronisations it made (any one of them would break a capture). The step
+        completes either way: "warn" mode only reports."""
+        def run() -> list[str]:
+            if check:
+                return self._syncs_in(fn)
             fn()
-            return
+            return []
+
+        if self.stream is None:
+            return run()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         for v in batch.values():
             v.record_stream(self.stream)  # the side stream uses the feed's memory too
         with torch.cuda.stream(self.stream):
-            fn()
+            syncs = run()
         current.wait_stream(self.stream)
+        return syncs
+
+    def _syncs_in(self, fn) -> list[str]:
+        """Messages of the host synchronisations `fn` makes (CUDA only; none off CUDA)."""
+        if self.device.type != "cuda":
+            fn()
+            return []
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return [str(w.message).splitlines()[0] for w in caught
+                if "synchroniz" in str(w.message).lower()]
 
     def _fits(self, batch: dict) -> bool:
         return batch.keys() == self.static.keys() and all(
             batch[k].shape == v.shape and batch[k].dtype == v.dtype for k, v in self.static.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 class _EagerReplay:

@@ -223,9 +223,7 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
         name=storage.basename(cfg.out),
         logging_config=ray.train.LoggingConfig(log_level=log_level),
         # Train's print patch would send each line of the epoch summary to the console twice.
-        # MOOLA_GRAPH_REPLAY: the CPU test hook of the CUDA-graph schedule (loop._graph_plan).
-        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{
-            k: os.environ[k] for k in ("MOOLA_GRAPH_REPLAY",) if k in os.environ}}},
+        worker_runtime_env={"env_vars": _worker_env(cfg)},
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         callbacks=[FailureReporter(c.max_failures)],  # says which workers died, what next
         checkpoint_config=ray.train.CheckpointConfig(
@@ -240,6 +238,19 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
                                                use_gpu=bool(c.gpus_per_worker),
                                                resources_per_worker=resources if c.workers else None),
         run_config=run_config)
+
+
+def _worker_env(cfg: TrainConfig) -> dict:
+    """Environment of the worker processes (non-secret: it is visible in Ray's job records)."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # The CPU test hook of the CUDA-graph schedule (loop._graph_plan).
+    env.update({k: os.environ[k] for k in ("MOOLA_GRAPH_REPLAY",) if k in os.environ})
+    if cfg.train.cuda_graphs == "on" and cfg.cluster.workers > 1 and cfg.cluster.gpus_per_worker:
+        # Graphed DDP: PyTorch's recipe turns NCCL's async error handling off before the
+        # process group exists (Ray sets it to 1 only when unset). Its watchdog cannot see
+        # collectives inside a graph anyway.
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+    return env
 
 
 def latest_local_checkpoint(cfg: TrainConfig) -> str | None:
