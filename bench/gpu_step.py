@@ -1,6 +1,6 @@
 """GPU step throughput (issue 8): the pipeline's worker loop against a plain loop, same run.
 
-    .venv/bin/python bench/gpu_step.py [--batches 32,256,2048,8192] [--steps 30] [--epochs 3]
+    .venv/bin/python bench/gpu_step.py [--batches 32,256,2048,8192] [--steps N] [--epochs 3]
                                        [--workers 1] [--graphs auto|off] [--quick]
 
 (a) plain: MultiTaskModel (JadeCompact, all four heads) + AdamW (fused on CUDA), one batch
@@ -8,7 +8,9 @@
 (g) graphed plain (CUDA only): the same step captured as one CUDA graph by the textbook recipe
     (static batch, 3 warm-up steps on a side stream, capturable fused AdamW with a tensor lr),
     replayed. It does not use the pipeline's code: it is the ceiling issue 8 measures against.
-(b) pipeline: `moola-pipeline train` on shards of `--steps` batches, its metrics.jsonl
+(b) pipeline: `moola-pipeline train` on shards of `--steps` batches (on CUDA by default
+    max(30, 32768 / batch): an epoch of a few hundred ms, so per-epoch costs such as opening
+    the shards do not pass for step time at batch 32), its metrics.jsonl
     `samples_per_s` (training phase) over epochs 1.. (epoch 0 is warm-up). `--workers 1` is one
     Ray Train worker (1 GPU on CUDA); `--workers 0` is Ray Train local mode (the same loop in
     the command's own process, where its GPU memory can be read).
@@ -178,7 +180,12 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     default_batches = "32,256,2048,8192" if cuda and not args.quick else "32,256"
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
-    steps = args.steps or (4 if args.quick else 30 if cuda else 10)
+    def steps_for(batch_size: int) -> int:
+        if args.steps:
+            return args.steps
+        if args.quick:
+            return 4
+        return max(30, 32768 // batch_size) if cuda else 10
     epochs = 2 if args.quick else args.epochs
     workers = args.workers if args.workers is not None else (1 if cuda else 0)
     precisions = ["fp32", "bf16"] if cuda else ["fp32"]
@@ -191,11 +198,13 @@ def main() -> None:
         versions += (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
                      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     print(f"device: {where}; {versions}; pipeline: {mode}, cuda_graphs {args.graphs}; "
-          f"{steps} steps per epoch, {epochs} epochs (epoch 0 = warm-up)")
+          f"{args.steps or 'max(30, 32768/batch)' if cuda else steps_for(32)} steps per epoch, "
+          f"{epochs} epochs (epoch 0 = warm-up)")
     print(f"{'batch':>6} {'prec':>5} {'plain a/s':>11} {'graphed g/s':>12} {'pipeline b/s':>13} "
           f"{'b/g':>6} {'b/a':>6} {'graphed':>8} {'loader/s':>11} {'GPU MiB a':>10} {'GPU MiB b':>10}")
     with tempfile.TemporaryDirectory(prefix="moola-gpu-step-") as tmp:
         for batch_size in batches:
+            steps = steps_for(batch_size)
             data = os.path.join(tmp, f"shards-{batch_size}")
             make_data(data, steps * batch_size, batch_size)
             load = loader_rate(data, batch_size)

@@ -252,3 +252,21 @@ def test_cuda_graphs_on_for_cpu_workers_is_refused_before_anything_runs(shards, 
                    "--workers", "0")
     assert_user_error(proc, "train.cuda_graphs", "sometimes")
     assert not out.exists()
+
+
+def test_graphed_ddp_workers_get_the_nccl_setting_pytorchs_recipe_asks_for(monkeypatch):
+    from pipeline.config import TrainConfig
+    from pipeline.train.trainer import _worker_env
+    monkeypatch.delenv("MOOLA_GRAPH_REPLAY", raising=False)
+
+    def env(graphs, workers, gpus):
+        cfg = TrainConfig()
+        cfg.train.cuda_graphs, cfg.cluster.workers, cfg.cluster.gpus_per_worker = graphs, workers, gpus
+        return _worker_env(cfg)
+
+    assert env("on", 2, 1)["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "0"
+    for case in (("auto", 2, 1), ("off", 2, 1), ("on", 1, 1), ("on", 2, 0)):
+        assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env(*case), case  # Ray's default stays
+    assert env("auto", 2, 0) == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    monkeypatch.setenv("MOOLA_GRAPH_REPLAY", "eager")  # the CPU test hook reaches the workers
+    assert env("auto", 2, 0)["MOOLA_GRAPH_REPLAY"] == "eager"
