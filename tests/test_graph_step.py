@@ -206,7 +206,7 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("graph-shards") / "d", n_train=44, n_val=12)
 
 
-def _run(shards, out, tmp_path, env=None, extra="", epochs=3):
+def _run(shards, out, tmp_path, env=None, extra="", epochs=2):
     cfg = tmp_path / f"{out.name}.yaml"
     cfg.write_text(SMALL_MODEL + "train:\n  scheduler: cosine\n" + extra)
     return run_cli("train", "--data", shards, "--out", str(out), "--config", str(cfg),
@@ -222,9 +222,9 @@ def test_a_graphed_local_run_records_its_replays_and_matches_an_eager_run(shards
     assert eager.returncode == 0, eager.stderr[-2000:]
     g, e = read_metrics(str(tmp_path / "graphed")), read_metrics(str(tmp_path / "eager"))
     # Epoch 0: 3 warm-up steps, then capture + replay of batches 4 and 5; batch 6 (smaller,
-    # probed) eager. Later epochs: 5 replays each.
-    assert [r["graphed_steps"] for r in g] == [2, 5, 5]
-    assert [r["graphed_steps"] for r in e] == [0, 0, 0]
+    # probed) eager. Epoch 1: 5 replays.
+    assert [r["graphed_steps"] for r in g] == [2, 5]
+    assert [r["graphed_steps"] for r in e] == [0, 0]
     for a, b in zip(g, e):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
         for task in a["train"]:

@@ -27,8 +27,8 @@ def runs(tmp_path_factory, _ray_heads):
     shards = make_shards(base / "shards", n_train=40, n_val=12)
     cfg = base / "run.yaml"
     cfg.write_text(NO_DROPOUT)
-    # The graphed schedule under DDP warms up 11 steps: with no probe steps, 3 epochs of 5
-    # give 11 warm-up steps, then a capture and 4 replays in the last epoch.
+    # The graphed schedule under DDP warms up 11 steps: with no probe steps, 2 epochs of 10
+    # batches of 4 give 11 warm-up steps, then a capture and 8 more replays in epoch 2.
     graph_cfg = base / "graphed.yaml"
     graph_cfg.write_text(NO_DROPOUT.replace("probe_every: 3", "probe: false"))
     out = {}
@@ -37,7 +37,7 @@ def runs(tmp_path_factory, _ray_heads):
         out[name] = base / f"w{name}"
         proc = run_cli("train", "--address", ray_cluster.address, "--workers", str(workers),
                        "--data", shards, "--out", out[name], "--config", config,
-                       "--epochs", "3", "--batch-size", "8", env=ray_cluster.env() | env,
+                       "--epochs", "2", "--batch-size", "4", env=ray_cluster.env() | env,
                        timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -46,9 +46,9 @@ def runs(tmp_path_factory, _ray_heads):
 @pytest.mark.parametrize("which", [2, "graphed"])
 def test_two_workers_match_one_worker_on_the_same_global_batch(runs, which):
     one, two = read_metrics(str(runs[1])), read_metrics(str(runs[which]))
-    assert [r["world_size"] for r in two] == [2, 2, 2]
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [5, 10, 15]
-    assert [r["graphed_steps"] for r in two] == ([0, 0, 4] if which == "graphed" else [0, 0, 0])
+    assert [r["world_size"] for r in two] == [2, 2]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [10, 20]
+    assert [r["graphed_steps"] for r in two] == ([0, 9] if which == "graphed" else [0, 0])
     for a, b in zip(one, two):
         for split in ("train", "val"):
             assert b[split] == pytest.approx(a[split], rel=1e-4, abs=1e-6), split
@@ -70,7 +70,7 @@ def test_ray_run_record_has_every_key_and_ray_checkpoints(runs):
             assert task in r
         assert r["span"]["f1"] is not None and r["pointer"]["hit3_start"] is not None
     names = checkpoint_dirs(str(runs[2]))
-    assert names[-1] == "checkpoint_e0003_s00000015"
+    assert names[-1] == "checkpoint_e0002_s00000020"
     files = set(p.name for p in (runs[2] / names[-1]).iterdir())
     assert {"state.pt", "meta.json", "rng-rank0.pt", "rng-rank1.pt"} <= files  # both ranks' parts
     assert (runs[2] / "checkpoint_manager_snapshot.json").exists()          # Ray's own state
