@@ -12,6 +12,7 @@ checkpoint (ray.train.report is a barrier: every rank calls it the same number o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -33,11 +34,11 @@ from pipeline.model import JadeCompact, JadeConfig
 from pipeline.reducer import GradientProbe, LossConfig, MultiTaskModel, build_weighting
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.device_feed import DeviceFeed, autocast_model
-from pipeline.train.device_feed import rank_slice as device_slice
 from pipeline.train.metrics import TaskMetrics
 from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
-from pipeline.train.step import (WARMUP_DDP, WARMUP_SINGLE, TrainStep, load_optimizer_state,
-                                 make_optimizer, make_scheduler, portable_state, use_graphs)
+from pipeline.train.step import (WARMUP_DDP, WARMUP_SINGLE, TrainStep, graph_plan,
+                                 load_optimizer_state, make_optimizer, make_scheduler,
+                                 portable_state)
 
 # Stand-in score for mid-epoch checkpoints (no val metric yet): ranked below every epoch end.
 WORST = {"min": 1e30, "max": -1e30}
@@ -76,7 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     multitask = MultiTaskModel(JadeCompact(model_cfg), weighting, loss_cfg).to(device)
     if t.precision == "bf16":  # the LSTM and heads only: losses stay fp32
         autocast_model(multitask.model, device)
-    graphs, replay = _graph_plan(t.cuda_graphs, device, world)
+    graphs, replay = graph_plan(t.cuda_graphs, device, world, where="this worker")
     # Fused AdamW on CUDA (one kernel for all parameters); capturable when graphed.
     optimizer = make_optimizer(multitask.param_groups(t.lr, t.weight_decay, t.weighting_lr),
                                device, graphs)
@@ -112,7 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Graphed DDP: DDP is built on the side stream the step warms up and captures on
     # (PyTorch's CUDA-graph notes); eager runs build it as usual.
     stream = torch.cuda.Stream(device) if graphs and device.type == "cuda" else None
-    with (torch.cuda.stream(stream) if stream is not None else _nullpath(None)):
+    with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
         model = ray.train.torch.prepare_model(multitask)
     if stream is not None:
         torch.cuda.current_stream(device).wait_stream(stream)  # DDP's broadcast ran there
@@ -279,25 +280,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------- helpers
-
-def rank_slice(batch: dict, rank: int, world: int, device) -> dict:
-    """This rank's contiguous part of a global batch (sizes differ by at most one; a rank may
-    get none of a last batch smaller than W, and still takes part in every collective)."""
-    # The loop itself goes through DeviceFeed (pinned, prefetched on CUDA); same slicing.
-    return {k: v.to(device) for k, v in device_slice(batch, rank, world).items()}
-
-
-def _graph_plan(setting: str, device: torch.device, world: int) -> tuple[bool, str]:
-    """(capture the step?, how to replay it). MOOLA_GRAPH_REPLAY=eager is a test hook: on a
-    machine without CUDA it runs the graphed schedule with the recorded step replayed eagerly."""
-    from pipeline.errors import UserError
-    if os.environ.get("MOOLA_GRAPH_REPLAY") == "eager" and device.type != "cuda":
-        return setting != "off", "eager"
-    if setting == "on" and device.type != "cuda":
-        raise UserError(f"train.cuda_graphs is 'on' but this worker runs on {device.type}: "
-                        f"CUDA graphs need a GPU (use 'auto' to capture only where there is one)")
-    return use_graphs(setting, device, world), "cuda"
-
 
 def _config(loop_config: dict) -> TrainConfig:
     from pipeline.config import load_config

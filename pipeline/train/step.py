@@ -34,13 +34,19 @@ eager fallbacks) and replays the recorded step function on the static buffers in
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from typing import Callable
 
 import torch
 
+from pipeline.errors import UserError
+
 GRAPH_SETTINGS = ("auto", "on", "off")
+# Test hook: "eager" makes a run without CUDA follow the graphed schedule, the recorded step
+# replayed eagerly (the trainer forwards it to Ray's workers).
+REPLAY_ENV = "MOOLA_GRAPH_REPLAY"
 WARMUP_SINGLE = 3   # PyTorch's whole-network capture example warms up 3 iterations
 WARMUP_DDP = 11     # DDP must run >= 11 eager iterations before capture (PyTorch CUDA notes)
 
@@ -54,6 +60,18 @@ def use_graphs(setting: str, device: torch.device, world: int) -> bool:
     if torch.device(device).type != "cuda" or setting == "off":
         return False
     return setting == "on" or world == 1
+
+
+def graph_plan(setting: str, device, world: int, where: str) -> tuple[bool, str]:
+    """(capture the step?, how to replay it: "cuda" or "eager") for a process on `device`;
+    "on" where there is no GPU is one clear error naming `where` (the worker, or local mode)."""
+    device = torch.device(device)
+    if os.environ.get(REPLAY_ENV) == "eager" and device.type != "cuda":
+        return setting != "off", "eager"
+    if setting == "on" and device.type != "cuda":
+        raise UserError(f"train.cuda_graphs is 'on' but {where} has no GPU: CUDA graphs need one "
+                        f"(use 'auto' to capture only where there is one)")
+    return use_graphs(setting, device, world), "cuda"
 
 
 def make_optimizer(param_groups: list[dict], device: torch.device, graphs: bool) -> torch.optim.AdamW:
@@ -74,8 +92,6 @@ def tensor_lr(optimizer: torch.optim.Optimizer, device) -> None:
     computes each rate on the host in float64 and writes it with one fill."""
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", float(group["lr"]))
-        if isinstance(group["initial_lr"], torch.Tensor):
-            group["initial_lr"] = float(group["initial_lr"])
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
@@ -128,8 +144,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, device,
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor) and not graphs:
             group["lr"] = float(group["lr"])
-        if isinstance(group.get("initial_lr"), torch.Tensor):
-            group["initial_lr"] = float(group["initial_lr"])
     if graphs:
         tensor_lr(optimizer, device)
 
@@ -224,7 +238,6 @@ class TrainStep:
         except Exception as exc:  # noqa: BLE001 - any capture failure has the same remedy
             # After a failed capture the stream and the caching allocator are in an undefined
             # state (PyTorch's CUDAGraph::reset says so): stop here, with the way out.
-            from pipeline.errors import UserError
             raise UserError(f"capturing the training step as a CUDA graph failed "
                             f"({_first_line(exc)}): set train.cuda_graphs: off") from exc
         self.graph = graph
@@ -249,7 +262,6 @@ class TrainStep:
     def _refuse(self, why: str) -> None:
         """Graphs cannot work for this step: eager from now on ("auto"), or one clear error."""
         if not self.fallback:
-            from pipeline.errors import UserError
             raise UserError(f"train.cuda_graphs 'on': cannot capture the training step as a CUDA "
                             f"graph: {why}; use 'auto' (trains eagerly then) or 'off'")
         self.graphs = False

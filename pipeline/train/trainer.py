@@ -90,12 +90,10 @@ def preflight(cfg: TrainConfig) -> dict:
         import torch
         check_resources(cfg, len(os.sched_getaffinity(0)), torch.cuda.device_count(),
                         "this machine")
-        if (cfg.train.cuda_graphs == "on" and cfg.cluster.workers == 0
-                and not torch.cuda.is_available()
-                and os.environ.get("MOOLA_GRAPH_REPLAY") != "eager"):  # test hook: loop._graph_plan
-            raise UserError("train.cuda_graphs is 'on' but local mode runs on this machine, which "
-                            "has no GPU: CUDA graphs need one (use 'auto' to capture only where "
-                            "there is one)")
+        if cfg.cluster.workers == 0:  # local mode trains here: refuse graphs it cannot have
+            from pipeline.train.step import graph_plan
+            graph_plan(cfg.train.cuda_graphs, "cuda" if torch.cuda.is_available() else "cpu", 1,
+                       where="local mode on this machine")
     model_cfg = JadeConfig(n_features=len(manifest["features"]), **asdict(cfg.model))
     loss_cfg = LossConfig(**asdict(cfg.loss))
     build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
@@ -243,8 +241,9 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
 def _worker_env(cfg: TrainConfig) -> dict:
     """Environment of the worker processes (non-secret: it is visible in Ray's job records)."""
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    # The CPU test hook of the CUDA-graph schedule (loop._graph_plan).
-    env.update({k: os.environ[k] for k in ("MOOLA_GRAPH_REPLAY",) if k in os.environ})
+    from pipeline.train.step import REPLAY_ENV  # the CPU test hook of the graphed schedule
+    if REPLAY_ENV in os.environ:
+        env[REPLAY_ENV] = os.environ[REPLAY_ENV]
     if cfg.train.cuda_graphs == "on" and cfg.cluster.workers > 1 and cfg.cluster.gpus_per_worker:
         # Graphed DDP: PyTorch's recipe turns NCCL's async error handling off before the
         # process group exists (Ray sets it to 1 only when unset). Its watchdog cannot see
