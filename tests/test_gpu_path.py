@@ -14,7 +14,7 @@ import torch
 
 from pipeline.data.loader import ShardLoader
 from pipeline.model import JadeCompact, JadeConfig
-from pipeline.reducer import LossConfig, MultiTaskModel, build_weighting
+from pipeline.reducer import LOSS_STATS, LossConfig, MultiTaskModel, build_weighting
 from pipeline.train.device_feed import DeviceFeed, autocast_model, rank_slice
 from pipeline.train.rundir import read_metrics
 from tests.fixtures.cli import assert_user_error, run_cli
@@ -103,6 +103,8 @@ def test_autocast_runs_the_model_in_bf16_and_the_losses_in_fp32(shards):
     autocast_model(mt.model, "cpu")
     total, losses, outputs = mt(batch)
     assert inner_dtypes == [torch.bfloat16]          # the forward really ran in bf16
+    # the model's outputs come back fp32; the loss statistics are float64 by design
+    assert outputs.pop(LOSS_STATS).dtype == torch.float64
     assert all(v.dtype == torch.float32 for v in outputs.values() if v.is_floating_point())
     assert total.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in losses.values())

@@ -59,10 +59,12 @@ def test_a_wider_embargo_keeps_a_gap_of_free_bars():
 def test_t0_positions_in_minutes_when_there_is_no_bar_series():
     t0 = np.datetime64("2024-01-02T00:00", "us") + np.arange(30) * np.timedelta64(60, "m")
     t0[5] += np.timedelta64(10, "m")                  # 70 minutes after its predecessor
-    split, report = splits.assign_splits(t0, np.arange(30), val_fraction=0.2)
+    ohlc = np.random.default_rng(0).normal(size=(30, 105, 4))  # no two windows share a bar
+    split, report = splits.assign_splits(t0, np.arange(30), val_fraction=0.2, ohlc=ohlc)
     assert report.policy == "time" and report.key == "t0"
     assert report.counts == {"train": 24 - 1, "val": 6, "test": 0, "embargo": 1}  # 60 < 105 min
-    assert splits.check_leakage(split, np.arange(30), t0=t0).ok
+    assert splits.check_leakage(split, np.arange(30), t0=t0, ohlc=ohlc).ok
+    assert "by content" in report.guarantee
 
 
 def test_auto_uses_groups_when_some_window_has_no_time():

@@ -69,11 +69,14 @@ def test_uncertainty_positive_formula_by_hand():
     assert tiny(losses({t: 0.0 for t in TASKS})).item() > 0
 
 
-def optimise_s(kind_task: str, loss_value: float, steps=3000, clamp=None, init=0.0):
-    opts = {"init": {kind_task: init}}
-    if clamp:
-        opts["clamp"] = clamp
-    w = build_weighting("uncertainty", (kind_task,), opts)
+def optimise_s(kind_task: str, loss_value: float, steps=3000, clamp=None, init=0.0, w=None):
+    """Adam on s alone with the loss held at `loss_value`, projecting after each step as the
+    training step does (TrainStep calls `weighting.project_()` after `optimizer.step()`)."""
+    if w is None:
+        opts = {"init": {kind_task: init}}
+        if clamp:
+            opts["clamp"] = clamp
+        w = build_weighting("uncertainty", (kind_task,), opts)
     param = getattr(w, f"log_var_{kind_task}")
     opt = torch.optim.Adam([param], lr=0.02)
     held = torch.tensor(loss_value)
@@ -81,6 +84,7 @@ def optimise_s(kind_task: str, loss_value: float, steps=3000, clamp=None, init=0
         opt.zero_grad()
         w({kind_task: held}).backward()
         opt.step()
+        w.project_()
     return w, param.item()
 
 
@@ -102,7 +106,40 @@ def test_clamp_bounds_the_weight_of_a_vanishing_loss():
     w, raw_s = optimise_s("countdown", 1e-4, steps=1500, clamp=(-2.0, 5.0))
     assert w.log_vars()["countdown"] == pytest.approx(-2.0)
     assert w.weights()["countdown"] == pytest.approx(0.5 * math.exp(2.0))
-    assert raw_s <= -2.0 + 1e-3  # the parameter stops where the clamp cuts its gradient
+    assert raw_s == pytest.approx(-2.0)  # projected back onto the bound after every step
+
+
+def test_a_clamped_log_variance_leaves_its_bound_when_the_loss_asks():
+    """Issue 16.4: with the clamp inside the loss, s overshooting -2 got gradient 0 and stayed
+    at -2 for the rest of the run; projected, it follows the loss back to log 5."""
+    w, s_low = optimise_s("countdown", 1e-4, steps=300, clamp=(-2.0, 2.0))
+    assert s_low == pytest.approx(-2.0)
+    _, s_after = optimise_s("countdown", 5.0, steps=1500, w=w)  # optimum s* = log 5 = 1.61
+    assert s_after == pytest.approx(math.log(5.0), abs=0.05)
+    assert w.log_vars()["countdown"] == pytest.approx(math.log(5.0), abs=0.05)
+
+
+def test_a_clamp_projects_an_init_outside_it():
+    w = build_weighting("uncertainty", TASKS, {"init": {"span": -5.0}, "clamp": [-2, 2]})
+    assert w.log_vars()["span"] == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("kind", ["uncertainty", "uncertainty-positive"])
+def test_a_task_without_elements_leaves_its_log_variance_alone(kind):
+    """Issue 16.7: a batch with no element of a task (loss 0) still pushed s down through the
+    regulariser (gradient 1/2): 100 steps gave s = -5 and weight 148. Now s gets no gradient."""
+    w = build_weighting(kind, TASKS)
+    opt = torch.optim.Adam(w.parameters(), lr=0.05)
+    absent = {t: torch.tensor(False) for t in TASKS}
+    for _ in range(100):
+        opt.zero_grad()
+        w({t: torch.zeros((), requires_grad=True) for t in TASKS}, absent).backward()
+        opt.step()
+    assert all(v == pytest.approx(0.0, abs=1e-9) for v in w.log_vars().values())
+    # with the task present the regulariser is back (s moves toward log of its loss)
+    w({t: torch.tensor(0.01) for t in TASKS}, {t: torch.tensor(True) for t in TASKS}).backward()
+    assert w.log_var_countdown.grad.item() == pytest.approx(-0.5 * 0.01 + 0.5 if kind == "uncertainty"
+                                                            else -0.5 * 0.01 + 0.5, rel=1e-6)
 
 
 def test_running_mean_warmup_average_then_ema():

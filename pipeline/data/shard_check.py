@@ -78,6 +78,8 @@ def read_row_group(pf: pq.ParquetFile, i: int, n_features: int, columns=None) ->
             out[name] = binary_view(col, np.float32, (WINDOW, n_features))
         elif name == "valid":
             out[name] = binary_view(col, np.uint8, (WINDOW,))
+        elif name == "ohlc":
+            out[name] = binary_view(col, np.float32, (WINDOW, 4))
         elif pa.types.is_integer(col.type):
             out[name] = col.to_numpy()
         else:
@@ -112,7 +114,7 @@ def validate_shard_set(uri: str) -> tuple[dict, dict[str, dict], list[str]]:
     n_features = len(manifest["features"])
     expected_schema = shard_schema(manifest["features"])
     stats: dict[str, SplitStats] = {}
-    ids, groups, t0s, split_col = [], [], [], []
+    ids, groups, t0s, split_col, starts, ohlcs = [], [], [], [], [], []
     for shard in manifest["shards"]:
         s_uri = shard_uri(uri, shard)
         try:
@@ -128,7 +130,7 @@ def validate_shard_set(uri: str) -> tuple[dict, dict[str, dict], list[str]]:
         for i in range(pf.num_row_groups):
             arrays = read_row_group(pf, i, n_features, columns=[
                 "index", "features", "valid", "label", "expansion_start", "expansion_end",
-                "window_id", "group_id", "t0", "split"])
+                "window_id", "group_id", "t0", "split", "bar_index", "ohlc"])
             problems += _row_problems(s_uri, i, arrays, shard["split"], next_index)
             next_index += len(arrays["index"])
             stats.setdefault(shard["split"], SplitStats()).add(arrays)
@@ -136,12 +138,14 @@ def validate_shard_set(uri: str) -> tuple[dict, dict[str, dict], list[str]]:
             groups.append(arrays["group_id"])
             t0s.append(arrays["t0"])
             split_col.append(arrays["split"])
+            starts.append(arrays["bar_index"])
+            ohlcs.append(arrays["ohlc"])
     summaries = {split: s.summary() for split, s in stats.items()}
     for split, summary in summaries.items():
         if summary["non_finite"]:
             problems.append(f"{uri}: split {split!r} has {summary['non_finite']} NaN/inf feature values")
     if ids and not problems:
-        problems += _leakage_problems(uri, ids, groups, t0s, split_col)
+        problems += _leakage_problems(uri, ids, groups, t0s, split_col, starts, ohlcs)
     return manifest, summaries, problems
 
 
@@ -196,7 +200,9 @@ def _row_problems(s_uri, rg, a, split, first_index) -> list[str]:
     return out
 
 
-def _leakage_problems(uri, ids, groups, t0s, split_col) -> list[str]:
+def _leakage_problems(uri, ids, groups, t0s, split_col, starts, ohlcs) -> list[str]:
+    """Duplicate ids, and windows of two splits that share a group or a bar: by bar ordinal
+    where every row has one, else by the rows' own bars (t0 minutes are not bars)."""
     window_id = pa.chunked_array(ids).to_numpy(zero_copy_only=False)
     unique, counts = np.unique(window_id.astype(str), return_counts=True)
     out = []
@@ -206,9 +212,12 @@ def _leakage_problems(uri, ids, groups, t0s, split_col) -> list[str]:
     t0_us = None
     if t0.null_count == 0:
         t0_us = np.asarray(t0.cast(pa.int64()).to_numpy())
+    bar_index = np.concatenate(starts)
+    exact = bool((bar_index >= 0).all())
     leak = splits_lib.check_leakage(
         pa.chunked_array(split_col).to_numpy(zero_copy_only=False),
-        pa.chunked_array(groups).fill_null("").to_numpy(zero_copy_only=False), t0=t0_us)
+        pa.chunked_array(groups).fill_null("").to_numpy(zero_copy_only=False), t0=t0_us,
+        bar_index=bar_index if exact else None, ohlc=None if exact else np.concatenate(ohlcs))
     if not leak.ok:
         out.append(f"{uri}: leakage between splits: {'; '.join(leak.examples)}")
     return out

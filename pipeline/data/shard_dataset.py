@@ -102,9 +102,12 @@ def shard_dataset(in_uri: str, out_uri: str, *, feature_set: str = "relativity12
     group_id = np.asarray(ws.windows.column("group_id").fill_null("").to_numpy(zero_copy_only=False),
                           dtype=object)
     bar_index = ws.bar_index()
+    # Without bar ordinals a time split by t0 compares the windows' bars (inline data: in
+    # memory already) to find windows that overlap across a halt, a weekend or another frequency.
+    ohlc = ws.ohlc() if bar_index is None and t0 is not None else None
     split, report = splits.assign_splits(t0, group_id, split_policy, val_fraction, test_fraction,
-                                         seed=seed, bar_index=bar_index)
-    leak = splits.check_leakage(split, group_id, bar_index=bar_index, t0=t0)
+                                         seed=seed, bar_index=bar_index, ohlc=ohlc)
+    leak = splits.check_leakage(split, group_id, bar_index=bar_index, t0=t0, ohlc=ohlc)
     if not leak.ok:  # e.g. a group_id whose windows lie far apart in time, under --split time
         raise UserError(f"{in_uri}: the {report.policy} split would leak between splits "
                         f"({'; '.join(leak.examples)}); try --split group", hint=None)
@@ -148,7 +151,7 @@ def _chunks(ws: schema.WindowSet, split: np.ndarray, names: list[str], feature_s
             yield name, dict(
                 window_id=t.column("window_id").take(take),
                 group_id=t.column("group_id").take(take),
-                t0=t0_col.take(take),
+                t0=t0_col.take(take), bar_index=starts[rows + lo],
                 index=np.arange(next_index[name], next_index[name] + rows.size),
                 features=features[rows], valid=valid[rows], ohlc=ohlc[rows].astype(np.float32),
                 label=label[rows + lo], expansion_start=exp_start[rows + lo],

@@ -29,8 +29,8 @@ ROW_GROUP_ROWS = 4096  # ~20 MB of F=12 features: big enough to read fast, small
 ROWS_PER_SHARD = 65536
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.parquet$")
 BIG_COLUMNS = ("features", "valid", "ohlc")
-SMALL_COLUMNS = ("window_id", "group_id", "t0", "split", "index", "label", "expansion_start",
-                 "expansion_end")
+SMALL_COLUMNS = ("window_id", "group_id", "t0", "bar_index", "split", "index", "label",
+                 "expansion_start", "expansion_end")
 
 
 def shard_schema(feature_names: list[str]) -> pa.Schema:
@@ -39,6 +39,8 @@ def shard_schema(feature_names: list[str]) -> pa.Schema:
         pa.field("window_id", pa.string(), nullable=False),
         pa.field("group_id", pa.string()),
         pa.field("t0", pa.timestamp("us", tz="UTC")),
+        # first bar in the source's bar series (-1: none): exact positions for `data validate`
+        pa.field("bar_index", pa.int64(), nullable=False),
         pa.field("split", pa.string(), nullable=False),
         pa.field("index", pa.int64(), nullable=False),
         pa.field("features", pa.binary(WINDOW * n_features * 4), nullable=False),
@@ -63,13 +65,15 @@ def fixed_binary(array: np.ndarray) -> pa.FixedSizeBinaryArray:
 
 
 def rows_table(schema: pa.Schema, split: str, *, window_id, group_id, t0, index, features,
-               valid, ohlc, label, expansion_start, expansion_end) -> pa.Table:
+               valid, ohlc, label, expansion_start, expansion_end, bar_index=None) -> pa.Table:
     """One chunk of shard rows from numpy / arrow columns (features float32 [n,105,F])."""
     n = len(index)
+    bar_index = np.full(n, -1, np.int64) if bar_index is None else np.asarray(bar_index, np.int64)
     columns = {
         "window_id": pa.array(window_id, pa.string()),
         "group_id": pa.array(group_id, pa.string()),
         "t0": pa.array(t0, pa.timestamp("us", tz="UTC")) if t0 is not None else pa.nulls(n, pa.timestamp("us", tz="UTC")),
+        "bar_index": pa.array(bar_index),
         "split": pa.array(np.full(n, split, dtype=object), pa.string()),
         "index": pa.array(np.asarray(index, np.int64)),
         "features": fixed_binary(np.asarray(features, "<f4")),

@@ -16,7 +16,13 @@ random split because they share half their bars):
   do not overlap (synth spaces its windows apart) lose nothing: 50 windows give exactly 40/10.
   A window whose group_id also appears in a later split is embargoed too (copies of one
   annotation can lie further apart than a window), so no group straddles under time either.
-  Positions from `t0` alone count 1-minute bars (moola's NQ data); a bar series gives exact rows.
+  Positions: a bar series gives exact bar ordinals (`bar_index`). From `t0` alone a position is
+  minutes since the first window, which is not a bar count: a window over a session halt or a
+  weekend, or of bars of another frequency, covers more (or fewer) minutes than bars, so two
+  windows >= 105 minutes apart can still share bars. With `t0` alone the windows' own bars decide
+  instead (`shared_bars`): a window of an earlier block that shares a bar (same OHLC run at the
+  seam) with a window of a later split is embargoed, whatever the minutes between them. The
+  manifest's split policy says which guarantee a data set has (`guarantee`).
 - group: whole groups (`group_id`) go to one split, chosen by a seeded shuffle of the groups;
   no group straddles two splits.
 
@@ -34,7 +40,15 @@ from pipeline.errors import UserError
 WINDOW = 105
 SPLITS = ("train", "val", "test")
 EMBARGO = "embargo"          # the split value of a window that belongs to no split
-MINUTE_US = 60_000_000       # t0 positions are counted in 1-minute bars
+MINUTE_US = 60_000_000       # t0 positions are counted in minutes (ordering, extra embargo)
+GUARANTEES = {
+    "bar_index": "exact: bar ordinals of the bar series; no bar is in two splits and "
+                 "embargo_bars count bars",
+    "t0": "by content: no window shares a bar (the same OHLC rows) with a window of another "
+          "split; ordered by t0, and embargo_bars beyond 105 count minutes, not bars",
+    "group_id": "by group: no group_id is in two splits; windows of different groups may "
+                "share bars",
+}
 
 
 @dataclass
@@ -48,6 +62,7 @@ class SplitReport:
     test_fraction: float = 0.0
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    guarantee: str = ""              # GUARANTEES[key]: what "no leak" means for this data set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,12 +106,13 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
 
 def assign_splits(t0, group_id, policy: str = "auto", val_fraction: float = 0.2,
                   test_fraction: float = 0.0, seed: int = 0, embargo_bars: int = WINDOW,
-                  bar_index=None) -> tuple[np.ndarray, SplitReport]:
+                  bar_index=None, ohlc=None) -> tuple[np.ndarray, SplitReport]:
     """Split names per window ("train"/"val"/"test", or "embargo" for excluded windows) and a report.
 
     `t0`: datetime64 or int64 microseconds per window (NaT/int64-min for none) or None;
-    `bar_index`: first bar per window in the bar series (-1 for none) or None.
-    Deterministic in its inputs and `seed`.
+    `bar_index`: first bar per window in the bar series (-1 for none) or None;
+    `ohlc`: every window's bars [n, 105, 4], needed for a time split by t0 alone (the bars show
+    which windows overlap). Deterministic in its inputs and `seed`.
     """
     group_id = np.asarray(group_id, dtype=object)
     n = len(group_id)
@@ -111,8 +127,12 @@ def assign_splits(t0, group_id, policy: str = "auto", val_fraction: float = 0.2,
         if embargo_bars < WINDOW:
             raise UserError(f"embargo of {embargo_bars} bars: must be at least {WINDOW} (the "
                             f"window length) so that no bar belongs to two splits")
+        if key == "t0" and ohlc is None:
+            raise ValueError("a time split by t0 needs the windows' ohlc to find shared bars")
         split = _time_split(pos, np.asarray(group_id, dtype=str), (n_train, n_val, n_test),
                             embargo_bars)
+        if key == "t0":  # minutes are not bars: the bars themselves say which windows overlap
+            _embargo_shared_bars(split, ohlc)
     elif policy == "group":
         key, embargo_bars = "group_id", 0
         split = _group_split(group_id, (n_train, n_val, n_test), seed)
@@ -121,7 +141,7 @@ def assign_splits(t0, group_id, policy: str = "auto", val_fraction: float = 0.2,
     counts = {s: int((split == s).sum()) for s in (*SPLITS, EMBARGO)}
     report = SplitReport(policy=policy, key=key, counts=counts, embargoed=counts[EMBARGO],
                          embargo_bars=embargo_bars, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed)
+                         test_fraction=test_fraction, seed=seed, guarantee=GUARANTEES[key])
     if policy == "group":
         sizes = (n_train, n_val, n_test)
         got = (counts["train"], counts["val"], counts["test"])
@@ -158,6 +178,52 @@ def _time_split(pos: np.ndarray, groups: np.ndarray, sizes, embargo_bars: int) -
     return split
 
 
+def _embargo_shared_bars(split: np.ndarray, ohlc) -> None:
+    """Embargo, in place, each window that shares bars with a window of a later split (the
+    earlier one of the pair leaves, as the block embargo does)."""
+    rank = {name: i for i, name in enumerate(SPLITS)}
+    for a, b, _ in shared_bars(ohlc, split):
+        if split[a] in rank and split[b] in rank and split[a] != split[b]:
+            earlier = a if rank[split[a]] < rank[split[b]] else b
+            split[earlier] = EMBARGO
+
+
+def _bar_hashes(ohlc) -> np.ndarray:
+    """One uint64 per bar from its four prices' bytes [n, 105] (equal bars, equal hashes)."""
+    bits = np.ascontiguousarray(ohlc).view(np.uint64 if ohlc.dtype.itemsize == 8 else np.uint32)
+    bits = bits.astype(np.uint64)
+    h = np.zeros(bits.shape[:2], np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(bits.shape[2]):
+            h = (h ^ bits[:, :, k]) * np.uint64(0x100000001B3) + np.uint64(k + 1)
+    return h
+
+
+def shared_bars(ohlc, split) -> list[tuple[int, int, int]]:
+    """(a, b, bars) for every pair of windows of different splits (embargo and other non-split
+    values are ignored) where window b's first bars are window a's last ones: b[:105-k] equals
+    a[k:] for some k, i.e. they share 105 - k bars. Found from the bars' content, so it needs no
+    time axis: exact for windows cut from one series (a coincidence of identical OHLC rows can
+    only add a pair, never hide one, so an embargo built on it is conservative)."""
+    split = np.asarray(split, dtype=object).astype(str)
+    in_split = np.flatnonzero(np.isin(split, SPLITS))
+    if in_split.size < 2:
+        return []
+    h = _bar_hashes(np.asarray(ohlc)[in_split])
+    heads: dict[int, list[int]] = {}
+    for j, first in enumerate(h[:, 0].tolist()):
+        heads.setdefault(first, []).append(j)
+    out = []
+    hits = np.argwhere(np.isin(h, np.fromiter(heads, np.uint64, len(heads))))
+    for i, k in hits.tolist():
+        for j in heads[int(h[i, k])]:
+            if j == i or split[in_split[i]] == split[in_split[j]]:
+                continue
+            if np.array_equal(h[i, k:], h[j, :WINDOW - k]):
+                out.append((int(in_split[i]), int(in_split[j]), WINDOW - k))
+    return out
+
+
 def _group_split(group_id: np.ndarray, sizes, seed: int) -> np.ndarray:
     groups, inverse, counts = np.unique(group_id.astype(str), return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(groups))
@@ -184,11 +250,14 @@ class LeakageReport:
         return asdict(self)
 
 
-def check_leakage(split, group_id, bar_index=None, t0=None, window: int = WINDOW) -> LeakageReport:
+def check_leakage(split, group_id, bar_index=None, t0=None, window: int = WINDOW,
+                  ohlc=None) -> LeakageReport:
     """Prove a split clean: no group in two splits, no bar in windows of two splits.
 
-    Embargoed windows belong to no split and are ignored. Windows all have `window` bars, so two
-    windows of different splits share a bar only if some pair adjacent in time order does.
+    Embargoed windows belong to no split and are ignored. With bar ordinals, windows all have
+    `window` bars, so two windows of different splits share a bar only if some pair adjacent in
+    bar order does. With t0 alone (minutes, not bars) the windows' bars are compared instead
+    (`shared_bars`, given `ohlc`), and the minute order is checked as well.
     """
     split = np.asarray(split, dtype=object)
     in_split = np.isin(split.astype(str), SPLITS)
@@ -211,5 +280,11 @@ def check_leakage(split, group_id, bar_index=None, t0=None, window: int = WINDOW
         for k in clash[:5]:
             examples.append(f"windows at bar {p[k]} ({s[k]}) and bar {p[k + 1]} ({s[k + 1]}) "
                             f"share {window - (p[k + 1] - p[k])} bars")
+    if ohlc is not None and (bar_index is None or not (np.asarray(bar_index) >= 0).all()):
+        for a, b, n in shared_bars(ohlc, split):
+            pairs += 1
+            if len(examples) < 10:
+                examples.append(f"windows at rows {a} ({split[a]}) and {b} ({split[b]}) share "
+                                f"{n} bars (the same OHLC rows)")
     return LeakageReport(ok=not shared and pairs == 0, shared_groups=shared,
                          shared_bar_pairs=pairs, examples=examples)

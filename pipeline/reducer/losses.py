@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from pipeline.config import LossSection
 from pipeline.errors import UserError
-from pipeline.reducer.element_mean import element_mean
+from pipeline.reducer.element_mean import (element_mean, global_counts, masked_sum_count,
+                                           rank_scaled_mean)
 from pipeline.reducer.targets import COUNTDOWN_SCALES, countdown_target, pointer_target, span_target
 
 
@@ -78,6 +79,21 @@ def task_losses(outputs: dict, batch: dict, cfg: LossConfig) -> dict[str, torch.
     """Per task: the mean over its valid elements of the global batch (`element_mean`)."""
     return {task: element_mean(values, mask)
             for task, (values, mask) in element_losses(outputs, batch, cfg).items()}
+
+
+def reduced_losses(outputs: dict, batch: dict, cfg: LossConfig, tasks
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`task_losses` with one all-reduce for all tasks' counts, and the statistics behind it:
+    (losses, stats, present). `stats`: float64 [2, T] of this rank's element sums (detached) and
+    counts per task in `tasks` order, which the loop adds up over an epoch for exact per-element
+    epoch means; `present`: bool [T], the task has at least one element in the global batch."""
+    elements = element_losses(outputs, batch, cfg)
+    sums, counts = zip(*(masked_sum_count(*elements[t]) for t in tasks))
+    counts = torch.stack(counts)
+    total = global_counts(counts)
+    losses = {t: rank_scaled_mean(sums[i], total[i]) for i, t in enumerate(tasks)}
+    stats = torch.stack([torch.stack([s.detach().double() for s in sums]), counts])
+    return losses, stats, total > 0
 
 
 def element_counts(batch: dict, tasks, window: int = 105) -> dict[str, int]:

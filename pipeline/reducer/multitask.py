@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from pipeline.model.jade import JadeCompact, JadeConfig
-from pipeline.reducer.losses import LossConfig, task_losses
+from pipeline.reducer.losses import LossConfig, reduced_losses
 from pipeline.reducer.weighting import Weighting, build_weighting
+
+
+LOSS_STATS = "loss_stats"  # the outputs key of the per-task element sums and counts
 
 
 class MultiTaskModel(nn.Module):
@@ -50,7 +53,10 @@ class MultiTaskModel(nn.Module):
         return groups
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(total, per-task losses, outputs). `outputs[LOSS_STATS]`: this rank's element sums
+        and counts per task (float64 [2, T], `self.tasks` order), for exact epoch means."""
         outputs = self.model(batch["features"])
-        losses = task_losses(outputs, batch, self.loss_cfg)
-        total = self.weighting(losses)
+        losses, stats, present = reduced_losses(outputs, batch, self.loss_cfg, self.tasks)
+        total = self.weighting(losses, dict(zip(self.tasks, present)))
+        outputs[LOSS_STATS] = stats
         return total, losses, outputs

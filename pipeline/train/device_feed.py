@@ -21,11 +21,27 @@ import torch
 
 
 def rank_slice(batch: dict, rank: int, world: int) -> dict:
-    """This rank's contiguous part of a global batch (sizes differ by at most one; a rank may
-    get none of a last batch smaller than W, and still takes part in every collective)."""
+    """This rank's contiguous part of a global batch (sizes differ by at most one).
+
+    A last batch smaller than W leaves some rank no row; that rank still takes part in every
+    collective, so it runs the step on one *padding row* instead of an empty batch (cuDNN's LSTM
+    is not known to accept batch 0): a copy of row 0 with label -1, no expansion, no valid bar
+    and index -1. It has no element in any task (the losses and metrics are unchanged) and the
+    loop counts no sample for it (`DeviceFeed.rows`)."""
     n = batch["label"].shape[0]
     lo, hi = n * rank // world, n * (rank + 1) // world
-    return {k: v[lo:hi] for k, v in batch.items()}
+    if hi > lo:
+        return {k: v[lo:hi] for k, v in batch.items()}
+    pad = {k: v[:1].clone() for k, v in batch.items()}
+    for key in ("label", "expansion_start", "expansion_end", "index"):
+        pad[key].fill_(-1)
+    pad["valid"].zero_()
+    return pad
+
+
+def slice_rows(n: int, rank: int, world: int) -> int:
+    """How many of a global batch's n rows are this rank's (0: it trains on a padding row)."""
+    return n * (rank + 1) // world - n * rank // world
 
 
 class DeviceFeed:
@@ -38,6 +54,7 @@ class DeviceFeed:
         self.prefetch = self.cuda if prefetch is None else prefetch
         self.loader_state = loader.state_dict()  # the state right after the yielded batch
         self.global_size = 0  # rows of the global batch the yielded slice was cut from
+        self.rows = 0         # rows of it that are this rank's samples (0: a padding row)
 
     def __iter__(self):
         batches = iter(self.loader)
@@ -45,6 +62,7 @@ class DeviceFeed:
             for batch in batches:
                 self.loader_state = self.loader.state_dict()
                 self.global_size = batch["label"].shape[0]
+                self.rows = slice_rows(self.global_size, self.rank, self.world)
                 yield self._to_device(rank_slice(batch, self.rank, self.world))
             return
         stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -58,6 +76,7 @@ class DeviceFeed:
                     v.record_stream(current)
             staged = self._stage(batches, stream)  # next batch's copy overlaps this step
             self.loader_state, self.global_size = state, size
+            self.rows = slice_rows(size, self.rank, self.world)
             yield batch
 
     def _stage(self, batches, stream):

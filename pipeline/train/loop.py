@@ -8,6 +8,12 @@ Order of one epoch: train on this rank's slice of each global batch (the reducer
 per-element mean exact over ranks), evaluate the val split on all ranks, all-reduce the
 metrics, rank 0 appends one record to metrics.jsonl, then every rank reports its part of the
 checkpoint (ray.train.report is a barrier: every rank calls it the same number of times).
+
+The epoch's train and val losses are per-element means over the whole epoch: each step adds its
+element-loss sums and element counts per task, and the epoch divides the all-reduced sum by the
+all-reduced count once (`pooled_losses`). So the figure is that of one pooled batch over the
+split, whatever the batch size, the number of workers, a half-full last batch, batches with only
+unlabeled rows, or a resume on another worker count in the middle of the epoch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pipeline.config import TrainConfig, config_hash
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import load_manifest
 from pipeline.model import JadeCompact, JadeConfig
-from pipeline.reducer import GradientProbe, LossConfig, MultiTaskModel, build_weighting
+from pipeline.reducer import (LOSS_STATS, GradientProbe, LossConfig, MultiTaskModel,
+                              build_weighting)
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.device_feed import DeviceFeed, autocast_model
 from pipeline.train.metrics import TaskMetrics
@@ -166,14 +173,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         started, started_at = time.perf_counter(), time.time()
         # Sums stay on the device (no host sync per step) until the epoch's one all-reduce; the
         # step adds to them in place (a captured step holds this very tensor).
-        loss_sums = train_step.loss_sums
+        loss_sums = train_step.loss_sums  # [2, T]: element-loss sums and counts
         loss_sums.zero_()
-        batches, samples = 0, 0
+        samples, resumed_samples = 0, 0
         replayed_before = train_step.counts["replayed"]
-        if partial is not None and rank == 0:  # resumed mid-epoch: count the batches before
-            n = len(model_cfg.tasks)              # the checkpoint (global sums, held by rank 0)
-            loss_sums.copy_(partial[:n])
-            batches, samples = int(partial[n]), int(partial[n + 1])
+        if partial is not None and rank == 0:  # resumed mid-epoch: the steps before the
+            # checkpoint, as global sums and counts (held by rank 0, whatever the world size then)
+            samples = resumed_samples = _seed_partial(loss_sums, partial)
         partial = None
         # Resumes mid-epoch: the loader skips consumed batches. On CUDA the feed copies the
         # next batch while this step runs, so the loader is one batch ahead of feed.loader_state.
@@ -187,11 +193,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if scheduler.needs_step:  # a constant rate costs no launch per step
                 scheduler.step()
             step += 1
-            batches += 1
-            samples += batch["label"].shape[0]
+            samples += feed.rows
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 \
                     and feed.loader_state["batches_consumed"] < steps_per_epoch:
-                sums = torch.cat([loss_sums, _f64([batches, samples], device)])
+                sums = torch.cat([loss_sums.flatten(), _f64([samples], device)])
                 _all_reduce(sums)  # the epoch so far over all ranks, for an exact record later
                 save_and_report({"epoch": epoch, "step": step, score_attr: WORST[t.best_mode]},
                                 None, sums.cpu(), feed.loader_state)
@@ -203,28 +208,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.eval()
         metrics = TaskMetrics(model_cfg.tasks, num_classes=model_cfg.num_classes,
                               countdown_scale=loss_cfg.countdown_scale, device=device)
-        val_sums = torch.zeros(len(model_cfg.tasks), dtype=torch.float64, device=device)
-        val_batches = 0
+        val_sums = torch.zeros_like(loss_sums)
         preds: list[dict] = []
         with torch.no_grad():
             for batch in DeviceFeed(val_loader, rank, world, device):
                 _, losses, outputs = model(batch)
                 metrics.update(outputs, batch)
-                val_sums += torch.stack([losses[k].double() for k in model_cfg.tasks])
-                val_batches += 1
+                val_sums += outputs[LOSS_STATS]
                 preds.append(_predictions(outputs, batch))
 
-        # One collective for the loss sums and counts; element_mean values are rank-scaled
-        # (local_sum * W / global_count), so their sum over ranks is W times the batch mean.
-        sums = torch.cat([loss_sums, val_sums, _f64([batches, val_batches, samples], device)])
+        # One collective for the element sums and counts of train and val and the sample counts.
+        n_stats = loss_sums.numel()
+        sums = torch.cat([loss_sums.flatten(), val_sums.flatten(),
+                          _f64([samples, resumed_samples], device)])
         _all_reduce(sums)
         sums = sums.cpu()
-        n_tasks = len(model_cfg.tasks)
-        g_batches, g_val_batches, g_samples = (sums[2 * n_tasks:] / _f64([world, world, 1])).tolist()
-        train_loss = {k: float(sums[i] / world / max(g_batches, 1))
-                      for i, k in enumerate(model_cfg.tasks)}
-        val_loss = {k: float(sums[n_tasks + i] / world / max(g_val_batches, 1))
-                    for i, k in enumerate(model_cfg.tasks)}
+        train_loss, train_elements = pooled_losses(sums[:n_stats], model_cfg.tasks)
+        val_loss, val_elements = pooled_losses(sums[n_stats:2 * n_stats], model_cfg.tasks)
+        g_samples, g_resumed = sums[2 * n_stats:].tolist()
         stats = metrics.state()  # sums and counts: their all-reduce is exact over ranks
         _all_reduce(stats)
         task_metrics = metrics.compute(stats)
@@ -235,13 +236,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         base_weighting = multitask.weighting
         record = {
             "epoch": epoch - 1, "step": step, "world_size": world, "run_id": cfg.run_id,
-            "train": train_loss, "val": val_loss, "val_loss": sum(val_loss.values()),
+            "train": train_loss, "val": val_loss,
+            "val_loss": sum(v for v in val_loss.values() if v is not None),
+            "elements": {"train": train_elements, "val": val_elements},
             "weights": base_weighting.effective_weights(), "log_vars": base_weighting.log_vars(),
             "grad_norm": grads.get("grad_norm"), "grad_share": grads.get("grad_share"),
             "grad_ratio_countdown_pointer": grads.get("grad_ratio_countdown_pointer"),
             "starving": probe.starving(),
             **task_metrics,
-            "samples_per_s": g_samples / train_time if train_time > 0 else None,
+            # the samples this process trained (a resumed epoch's earlier part ran before)
+            "samples_per_s": (g_samples - g_resumed) / train_time if train_time > 0 else None,
             "epoch_time_s": train_time, "started_at": started_at,
             "lr": float(optimizer.param_groups[0]["lr"]),
             # steps replayed from the CUDA graph (this rank; 0 when eager)
@@ -264,6 +268,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 write_predictions(cfg.out, _merge_predictions(gathered, epoch - 1))
         if rank == 0:
+            _warn_empty_tasks(record)
             log.append(record)
             if sink is not None:
                 sink.on_epoch(record)
@@ -320,6 +325,38 @@ class _nullpath:
         return False
 
 
+def pooled_losses(stats: torch.Tensor, tasks) -> tuple[dict, dict]:
+    """(per-task mean loss, per-task element count) from all-reduced [2, T] sums and counts
+    (flattened or not). A task without an element has no mean: None (JSON null), not 0."""
+    sums, counts = stats.reshape(2, -1).double()
+    means = {t: (float(sums[i] / counts[i]) if counts[i] > 0 else None) for i, t in enumerate(tasks)}
+    return means, {t: int(counts[i]) for i, t in enumerate(tasks)}
+
+
+def _seed_partial(loss_sums: torch.Tensor, partial: torch.Tensor) -> int:
+    """Seed an epoch resumed mid-way with the checkpoint's global [sums, counts, samples];
+    returns the samples already trained. A checkpoint of the older layout (per-batch means,
+    not element sums) cannot be made exact: the epoch's record then covers the steps after it."""
+    partial = torch.as_tensor(partial, dtype=torch.float64)
+    if partial.numel() != loss_sums.numel() + 1:
+        print("warning: the checkpoint's half-done epoch was saved by an older version; this "
+              "epoch's train loss covers only the steps after the resume", flush=True)
+        return 0
+    loss_sums.copy_(partial[:-1].view_as(loss_sums))
+    return int(partial[-1])
+
+
+def _warn_empty_tasks(record: dict) -> None:
+    """A task with no element in a split this epoch trained or scored on nothing: say so."""
+    for split, counts in record["elements"].items():
+        empty = sorted(t for t, n in counts.items() if n == 0)
+        if empty:
+            print(f"warning: epoch {record['epoch'] + 1}: no {split} element for "
+                  f"{', '.join(empty)} (no labeled window with a target): "
+                  f"{'its loss is' if len(empty) == 1 else 'their losses are'} not defined",
+                  flush=True)
+
+
 def _f64(values, device=None) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
@@ -368,7 +405,10 @@ def _predictions(outputs: dict, batch: dict) -> dict:
 def _merge_predictions(per_rank: list[list[dict]], epoch: int) -> dict:
     batches = [b for rank_batches in per_rank for b in rank_batches]
     arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    # Each val window is on exactly one rank; put them in index order.
+    # Each val window is on exactly one rank; put them in index order (a padding row, index
+    # -1, is no window).
+    real = arrays["index"] >= 0
+    arrays = {k: v[real] for k, v in arrays.items()}
     _, first = np.unique(arrays["index"], return_index=True)
     arrays = {k: v[first] for k, v in arrays.items()}
     arrays["span_prob"] = arrays.get("span_prob", np.zeros(0, np.float32)).astype(np.float32)

@@ -11,18 +11,22 @@ What is scored (conventions from `pipeline.reducer.targets`):
   bar of such a window (`valid` False: warm-up or missing data, not scored);
 - span: p = sigmoid(span_logits), predicted in-span where p > 0.5. Precision/recall/F1 pooled
   over all bars, and the same three computed per window and averaged over windows (a window with
-  no predicted or no true positive scores 0 there, as in the old training scripts); probability
-  separation = mean p over in-span bars - mean p over out-of-span bars;
+  no predicted or no true positive scores 0 there, as in the old training scripts). A window
+  whose expansion lies wholly in bars that are not scored (the warm-up bars of window-only data)
+  has no target to find: it is left out of the per-window figures, whatever the model predicts,
+  and counted in `windows_unscored`; probability separation = mean p over in-span bars - mean p
+  over out-of-span bars;
 - pointer: (center, length) -> predicted start/end bars `round(c*105 -/+ l*105/2)` (round half
   to even); Hit@±3 for start, end and both; center and length MAE in bars (x 105);
 - countdown: MAE in bars against the clipped bars-to-start target, the prediction converted back
   from the unit scale (x 40 - 20) when the loss used it;
-- type: a confusion matrix over labeled rows -> accuracy, macro F1 (over classes that occur in
-  the targets or the predictions), per-class recall.
+- type: a confusion matrix over labeled rows -> accuracy, macro F1 (averaged over the classes
+  that occur in the targets: a prediction of a class that is never a target counts against the
+  true class's recall, not as a class of its own), per-class recall.
 
 `compute()` returns nested dicts, merged into each metrics.jsonl record at the top level:
   {"span": {"precision", "recall", "f1", "window_precision", "window_recall", "window_f1",
-            "prob_separation", "bars", "windows"},
+            "prob_separation", "bars", "windows", "windows_unscored"},
    "pointer": {"hit3_start", "hit3_end", "hit3_both", "center_mae_bars", "length_mae_bars", "windows"},
    "countdown": {"mae_bars", "bars"},
    "type": {"accuracy", "f1_macro", "recall": [per class], "samples"}}
@@ -42,7 +46,7 @@ SPAN_THRESHOLD = 0.5
 # Layout of the flat state: name -> slot. The type confusion matrix follows, C x C.
 _SLOTS = [
     "span_tp", "span_fp", "span_fn", "span_p_in", "span_n_in", "span_p_out", "span_n_out",
-    "win_precision", "win_recall", "win_f1", "win_n",
+    "win_precision", "win_recall", "win_f1", "win_n", "win_unscored",
     "hit_start", "hit_end", "hit_both", "center_abs", "length_abs", "ptr_n",
     "cd_abs", "cd_n",
 ]
@@ -150,9 +154,11 @@ class TaskMetrics:
         self._add("span_n_in", (true * bars).sum())
         self._add("span_p_out", (prob * (1 - true) * bars).sum())
         self._add("span_n_out", ((1 - true) * bars).sum())
-        # per window; a window with no scored bar is not a window here
+        # per window: only windows with a scored in-span bar (else F1 is 0 for any prediction)
         wtp, wfp, wfn = tp.sum(1), fp.sum(1), fn.sum(1)
-        scored = window.double() * (bars.sum(1) > 0).double()
+        has_target = ((true * bars).sum(1) > 0).double()
+        scored = window.double() * has_target
+        self._add("win_unscored", (window.double() * (1 - has_target)).sum())
         safe = lambda num, den: torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(num))  # noqa: E731
         self._add("win_precision", (safe(wtp, wtp + wfp) * scored).sum())
         self._add("win_recall", (safe(wtp, wtp + wfn) * scored).sum())
@@ -185,6 +191,7 @@ class TaskMetrics:
                 "window_f1": _mean(s["win_f1"], s["win_n"]),
                 "prob_separation": p_in - p_out if p_in is not None and p_out is not None else None,
                 "bars": int(bars), "windows": int(s["win_n"]),
+                "windows_unscored": int(s["win_unscored"]),
             }
         if "pointer" in self.tasks:
             n = s["ptr_n"]
@@ -208,7 +215,7 @@ def _type_metrics(confusion: torch.Tensor) -> dict:
     diag = confusion.diagonal()
     true_counts, pred_counts = confusion.sum(1), confusion.sum(0)
     f1s = [_ratio(2 * float(diag[k]), float(true_counts[k] + pred_counts[k]))
-           for k in range(confusion.shape[0]) if true_counts[k] + pred_counts[k] > 0]
+           for k in range(confusion.shape[0]) if true_counts[k] > 0]
     return {
         "accuracy": float(diag.sum()) / total,
         "f1_macro": sum(f1s) / len(f1s),

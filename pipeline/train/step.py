@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from pipeline.errors import UserError
+from pipeline.reducer.multitask import LOSS_STATS
 
 GRAPH_SETTINGS = ("auto", "on", "off")
 # Test hook: "eager" makes a run without CUDA follow the graphed schedule, the recorded step
@@ -149,17 +150,25 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, device,
 
 
 class TrainStep:
-    """forward -> (probe) -> backward -> clip -> optimizer.step -> loss sums, on device.
+    """forward -> (probe) -> backward -> clip -> optimizer.step -> project -> loss sums, on device.
 
-    `loss_sums` (float64, one per task) accumulates every step's task losses on the device; the
-    loop zeroes or seeds it at an epoch's start and reads it once at the end."""
+    `loss_sums` (float64 [2, T]: per task, this rank's element-loss sum and element count)
+    accumulates every step's statistics on the device; the loop zeroes or seeds it at an epoch's
+    start and reads it once at the end, so the epoch's loss is a per-element mean whatever the
+    batching. Clipping covers the network only: the weighting's log-variances keep their own
+    gradient (0.5 - f exp(-s) L is O(1) per task and would take most of a 1.0 budget) and are
+    projected into their range after each step (`Weighting.project_`)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tasks,
                  grad_clip: float, device, graphs: bool = False, warmup: int = WARMUP_SINGLE,
                  replay: str = "cuda", stream=None, fallback: bool = False):
         self.model, self.optimizer, self.tasks = model, optimizer, list(tasks)
         self.grad_clip, self.device = grad_clip, torch.device(device)
-        self.loss_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
+        self.loss_sums = torch.zeros(2, len(self.tasks), dtype=torch.float64, device=self.device)
+        multitask = getattr(model, "module", model)  # DDP keeps the real module under .module
+        self.weighting = multitask.weighting
+        own = {id(p) for p in self.weighting.parameters()}
+        self.clipped = [p for p in model.parameters() if id(p) not in own]
         self.graphs, self.warmup, self.replay = graphs, warmup, replay
         # fallback: a step that synchronises with the host (so cannot be captured) trains on
         # eagerly with one warning instead of failing the run; "auto" asks for it, "on" does not.
@@ -200,26 +209,27 @@ class TrainStep:
             self._capture(batch)
 
     def _eager(self, batch: dict, before_backward) -> None:
-        total, losses, _ = self.model(batch)
+        total, losses, outputs = self.model(batch)
         if before_backward is not None:
             before_backward(losses)  # before backward: the probe reuses this forward's graph
         # After capture the gradients are the graph's static tensors: zero them in place so
         # p.grad stays the tensor the graph writes.
         self.optimizer.zero_grad(set_to_none=self.graph is None)
         total.backward()
-        self._clip_and_step(losses)
+        self._clip_and_step(outputs)
         self.counts["eager"] += 1
 
-    def _clip_and_step(self, losses: dict) -> None:
+    def _clip_and_step(self, outputs: dict) -> None:
         if self.grad_clip > 0:  # foreach norm, no host sync (error_if_nonfinite is off)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.grad_clip)
         self.optimizer.step()
-        self.loss_sums += torch.stack([losses[k].detach().double() for k in self.tasks])
+        self.weighting.project_()
+        self.loss_sums += outputs[LOSS_STATS]
 
     def _graph_body(self) -> None:
-        total, losses, _ = self.model(self.static)
+        total, _, outputs = self.model(self.static)
         total.backward()
-        self._clip_and_step(losses)
+        self._clip_and_step(outputs)
 
     def _replay_eagerly(self) -> None:
         # A replayed graph *writes* the gradients its capture allocated (they were None before

@@ -18,19 +18,30 @@ class Weighting(nn.Module):
         super().__init__()
         self.tasks = tuple(tasks)
 
-    def task_terms(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def task_terms(self, losses: dict[str, torch.Tensor],
+                   present: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each task's contribution to the total: its weighted loss plus any regulariser of
-        its own weight parameter (which has no gradient w.r.t. the model). Pure: calling it
-        again (the gradient probe does) changes no state."""
+        its own weight parameter (which has no gradient w.r.t. the model). `present[task]`
+        (a bool tensor; None: every task) says whether the task has any element in the global
+        batch: a task without one must leave its weight alone (its loss is 0, so only a
+        regulariser would move it). Pure: calling it again (the probe does) changes no state."""
         raise NotImplementedError
 
-    def observe(self, losses: dict[str, torch.Tensor]) -> None:
+    def observe(self, losses: dict[str, torch.Tensor],
+                present: dict[str, torch.Tensor] | None = None) -> None:
         """Update any state from this step's losses (called once per forward, before
-        `task_terms`). Stateless strategies do nothing."""
+        `task_terms`); a task not `present` has no loss to learn from. Stateless strategies
+        do nothing."""
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.observe(losses)
-        return sum(self.task_terms(losses).values())
+    def forward(self, losses: dict[str, torch.Tensor],
+                present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        self.observe(losses, present)
+        return sum(self.task_terms(losses, present).values())
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put learned parameters back into their allowed range after an optimiser step
+        (projected gradient descent). Called by the training step; most strategies have none."""
 
     def weights(self) -> dict[str, float]:
         """The factor each task's loss is multiplied by in the gradient of the model."""

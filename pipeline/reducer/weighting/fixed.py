@@ -11,7 +11,7 @@ from pipeline.reducer.weighting.base import Weighting
 class EqualWeighting(Weighting):
     name = "equal"
 
-    def task_terms(self, losses):
+    def task_terms(self, losses, present=None):
         return {t: losses[t] for t in self.tasks}
 
     def weights(self):
@@ -34,7 +34,7 @@ class FixedWeighting(Weighting):
                             f"got {weights}")
         self.fixed = {t: float(weights[t]) for t in self.tasks}
 
-    def task_terms(self, losses):
+    def task_terms(self, losses, present=None):
         return {t: self.fixed[t] * losses[t] for t in self.tasks}
 
     def weights(self):

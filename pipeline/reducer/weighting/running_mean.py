@@ -44,7 +44,7 @@ class RunningMeanWeighting(Weighting):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def observe(self, losses: dict[str, torch.Tensor]) -> None:
+    def observe(self, losses: dict[str, torch.Tensor], present=None) -> None:
         if not self.training:
             return
         current = torch.stack([losses[t].detach().to(torch.float64) for t in self.tasks])
@@ -54,13 +54,16 @@ class RunningMeanWeighting(Weighting):
             dist.all_reduce(current, op=dist.ReduceOp.SUM)
             current /= world
         current = current.to(self.running.device)
+        if present is not None:  # a task with no element has loss 0: keep its mean unchanged
+            here = torch.stack([present[t] for t in self.tasks]).to(self.running.device)
+            current = torch.where(here, current, self.running)
         self.steps += 1
         # torch.where, not `if int(self.steps)`: no host sync, so the step can be a CUDA graph.
         average = self.running + (current - self.running) / self.steps.to(torch.float64)
         ema = self.running * self.momentum + (1 - self.momentum) * current
         self.running.copy_(torch.where(self.steps <= self.warmup_steps, average, ema))
 
-    def task_terms(self, losses):
+    def task_terms(self, losses, present=None):
         denom = torch.where(self.steps > 0, self.running.clamp(min=1e-12),
                             torch.ones_like(self.running))
         return {t: self.fixed[t] * losses[t] / denom[i].to(losses[t].dtype)

@@ -7,7 +7,14 @@ At its stationary point (L held fixed) s* = log L for regression and log 2L for
 classification, i.e. the weight settles at 1/(2L): each task is divided by its own loss.
 The total can be negative (s < 0): that is expected, monitor the unweighted task losses.
 A task whose loss goes to 0 drives s -> -inf and its weight up without bound; the optional
-`clamp` = (min, max) bounds the s used in the loss (outside the bounds s gets no gradient).
+`clamp` = (min, max) keeps s in [min, max] by projection: the training step puts s back into
+the range after every optimiser step (`project_`), so s at a bound still has its gradient and
+leaves the bound as soon as the loss asks for it (a clamp inside the loss would have frozen s
+there: the gradient of a clamped value is 0 outside the range).
+
+A task with no element in a global batch (a batch of unlabeled rows) has loss 0 there; its
+regulariser 0.5 * s alone would push s down (gradient 1/2 per step), so where the task is not
+`present` its term is 0 * s: s keeps its value and gets a zero gradient.
 
 `uncertainty-positive` (Liebel & Koerner 2018): regulariser log(1 + sigma^2) instead of
 log sigma, so the total stays positive and s cannot run away:
@@ -42,28 +49,37 @@ class UncertaintyWeighting(Weighting):
         if unknown:
             raise UserError(f"loss.weighting_options.init names unknown task(s) {unknown}; "
                             f"tasks are {list(self.tasks)}")
-        # One parameter per task, `log_var_<task>` (a ParameterDict key "type" would clash
-        # with nn.Module.type).
-        for t in self.tasks:
-            self.register_parameter(f"log_var_{t}", nn.Parameter(torch.tensor(float(init.get(t, 0.0)))))
         if clamp is not None:
             clamp = tuple(float(c) for c in clamp)
             if len(clamp) != 2 or clamp[0] >= clamp[1]:
                 raise UserError(f"loss.weighting_options.clamp must be [min, max] with "
                                 f"min < max, got {list(clamp)}")
         self.clamp = clamp
+        # One parameter per task, `log_var_<task>` (a ParameterDict key "type" would clash
+        # with nn.Module.type).
+        for t in self.tasks:
+            self.register_parameter(f"log_var_{t}", nn.Parameter(torch.tensor(float(init.get(t, 0.0)))))
+        self.project_()  # an init outside the range starts at its bound
         self.classification = set(CLASSIFICATION_TASKS if classification is None else classification)
 
     def s(self, task: str) -> torch.Tensor:
-        s = getattr(self, f"log_var_{task}")
-        return s.clamp(*self.clamp) if self.clamp else s
+        return getattr(self, f"log_var_{task}")
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        if self.clamp:
+            for t in self.tasks:
+                self.s(t).clamp_(*self.clamp)  # in place: a captured step keeps the tensor
 
     def factor(self, task: str) -> float:
         return 1.0 if task in self.classification else 0.5
 
-    def task_terms(self, losses):
-        return {t: self.factor(t) * torch.exp(-self.s(t)) * losses[t] + 0.5 * self.s(t)
-                for t in self.tasks}
+    def regulariser(self, task: str) -> torch.Tensor:
+        return 0.5 * self.s(task)
+
+    def task_terms(self, losses, present=None):
+        return {t: self.factor(t) * torch.exp(-self.s(t)) * losses[t]
+                + _only_if(present, t, self.regulariser(t)) for t in self.tasks}
 
     def weights(self):
         return {t: self.factor(t) * float(torch.exp(-self.s(t).detach())) for t in self.tasks}
@@ -78,7 +94,14 @@ class PositiveUncertaintyWeighting(UncertaintyWeighting):
     def factor(self, task: str) -> float:
         return 0.5
 
-    def task_terms(self, losses):
+    def regulariser(self, task: str) -> torch.Tensor:
         # softplus(s) = log(1 + exp(s)) = log(1 + sigma^2), computed stably.
-        return {t: 0.5 * torch.exp(-self.s(t)) * losses[t] + F.softplus(self.s(t))
-                for t in self.tasks}
+        return F.softplus(self.s(task))
+
+
+def _only_if(present, task: str, term: torch.Tensor) -> torch.Tensor:
+    """`term` where the task has elements in the global batch, else 0 (still on the graph,
+    so DDP sees every parameter take part). No host sync: safe inside a CUDA graph."""
+    if present is None:
+        return term
+    return term * present[task].to(term.dtype)
