@@ -41,6 +41,7 @@ from pipeline.data.shard_dataset import segment_starts  # noqa: E402
 from pipeline.data.splits import assign_splits  # noqa: E402
 from pipeline.model import JadeConfig  # noqa: E402
 from pipeline.reducer import GradientProbe, LossConfig, MultiTaskModel, WEIGHTINGS  # noqa: E402
+from pipeline.reducer.element_mean import masked_sum_count  # noqa: E402
 from pipeline.reducer.losses import element_losses  # noqa: E402
 
 TASKS = ("type", "pointer", "span", "countdown")
@@ -98,11 +99,12 @@ def run(data, weighting: str, scale: str, reduction: str = "mean", seed: int = 0
     epoch_loss, epoch_ratio = [], []
     for _ in range(EPOCHS):
         mt.train()
-        sums, ratios, steps = {t: 0.0 for t in TASKS}, [], 0
+        # per-element epoch means, as the pipeline records them: element sums over counts
+        sums, counts, ratios = {t: 0.0 for t in TASKS}, {t: 0 for t in TASKS}, []
         for idx in torch.randperm(n, generator=gen).split(BATCH):
             batch = {k: v[idx] for k, v in train.items()}
             if reduction == "mean":
-                total, losses, _ = mt(batch)
+                total, losses, outputs = mt(batch)
             else:
                 outputs = mt.model(batch["features"])
                 losses = per_sample_sum(outputs, batch, loss_cfg)
@@ -113,12 +115,11 @@ def run(data, weighting: str, scale: str, reduction: str = "mean", seed: int = 0
             opt.step()
             # report the per-element mean (comparable across reductions)
             with torch.no_grad():
-                mean_losses = {t: float(v) for t, v in losses.items()} if reduction == "mean" else \
-                    {t: float(v) for t, v in _element_means(outputs, batch, loss_cfg).items()}
-            for t in TASKS:
-                sums[t] += mean_losses[t]
-            steps += 1
-        epoch_loss.append({t: sums[t] / steps for t in TASKS})
+                for t, (v, m) in element_losses(outputs, batch, loss_cfg).items():
+                    local_sum, count = masked_sum_count(v, m)
+                    sums[t] += float(local_sum)
+                    counts[t] += int(count)
+        epoch_loss.append({t: sums[t] / max(counts[t], 1) for t in TASKS})
         epoch_ratio.append(statistics.fmean(ratios))
     mt.eval()
     with torch.no_grad():
@@ -128,11 +129,6 @@ def run(data, weighting: str, scale: str, reduction: str = "mean", seed: int = 0
             "loss": epoch_loss, "ratio": epoch_ratio, "weights": mt.weighting.effective_weights(),
             "log_vars": mt.weighting.log_vars(), "val": {t: float(v) for t, v in val_losses.items()},
             "share": probe.report()["grad_share"]}
-
-
-def _element_means(outputs, batch, cfg):
-    from pipeline.reducer import element_mean
-    return {t: element_mean(v, m) for t, (v, m) in element_losses(outputs, batch, cfg).items()}
 
 
 def change(r, t) -> float:

@@ -29,7 +29,7 @@ What is scored (conventions from `pipeline.reducer.targets`):
             "prob_separation", "bars", "windows", "windows_unscored"},
    "pointer": {"hit3_start", "hit3_end", "hit3_both", "center_mae_bars", "length_mae_bars", "windows"},
    "countdown": {"mae_bars", "bars"},
-   "type": {"accuracy", "f1_macro", "recall": [per class], "samples"}}
+   "type": {"accuracy", "balanced_accuracy", "f1_macro", "recall": [per class], "samples"}}
 only for the tasks given; a value with nothing to score is None (JSON null), never NaN.
 """
 
@@ -64,12 +64,13 @@ def _mean(total: float, count: float) -> float | None:
 
 class TaskMetrics:
     def __init__(self, tasks=TASKS, num_classes: int = 3, countdown_scale: str = "unit",
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, span_threshold: float = SPAN_THRESHOLD):
         if countdown_scale not in ("unit", "raw"):
             raise ValueError(f"countdown_scale must be 'unit' or 'raw', got {countdown_scale!r}")
         self.tasks = tuple(tasks)
         self.num_classes = num_classes
         self.countdown_scale = countdown_scale
+        self.span_threshold = float(span_threshold)  # a bar is predicted in-span above it
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._state = torch.zeros(len(_SLOTS) + num_classes * num_classes, dtype=torch.float64,
                                   device=self.device)
@@ -142,7 +143,7 @@ class TaskMetrics:
 
     def _update_span(self, logits, start, end, bars, window) -> None:
         prob = torch.sigmoid(logits.double())
-        pred = (prob > SPAN_THRESHOLD).double()
+        pred = (prob > self.span_threshold).double()
         true = span_target(start, end).double()
         tp = pred * true * bars
         fp = pred * (1 - true) * bars
@@ -211,14 +212,19 @@ class TaskMetrics:
 def _type_metrics(confusion: torch.Tensor) -> dict:
     total = float(confusion.sum())
     if total == 0:
-        return {"accuracy": None, "f1_macro": None, "recall": [None] * confusion.shape[0], "samples": 0}
+        return {"accuracy": None, "balanced_accuracy": None, "f1_macro": None,
+                "recall": [None] * confusion.shape[0], "samples": 0}
     diag = confusion.diagonal()
     true_counts, pred_counts = confusion.sum(1), confusion.sum(0)
     f1s = [_ratio(2 * float(diag[k]), float(true_counts[k] + pred_counts[k]))
            for k in range(confusion.shape[0]) if true_counts[k] > 0]
+    recall = [_mean(float(diag[k]), float(true_counts[k])) for k in range(confusion.shape[0])]
+    present = [r for r in recall if r is not None]
     return {
         "accuracy": float(diag.sum()) / total,
+        # mean recall over the target classes: 0.5 for a one-class predictor on two classes
+        "balanced_accuracy": sum(present) / len(present),
         "f1_macro": sum(f1s) / len(f1s),
-        "recall": [_mean(float(diag[k]), float(true_counts[k])) for k in range(confusion.shape[0])],
+        "recall": recall,
         "samples": int(total),
     }
