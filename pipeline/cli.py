@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 COMMANDS = [
     ("data", "data"),
     ("train", "train"),
+    ("evaluate", "evaluate"),
     ("jobs", "submit"),
     ("jobs", "status"),
     ("jobs", "logs"),
