@@ -3,7 +3,8 @@
 `TrainConfig` drives every part of a training run (data, model, loss, optimisation, cluster), the
 way torchtitan's single job config does. A YAML file gives any subset of the keys, CLI flags
 override single dotted keys (`train.epochs`), and anything unknown or of the wrong type is a
-`UserError` naming the key and where it came from. The resolved config is written to
+`UserError` naming the key and where it came from: every such key of a file in one error, an
+unknown one with a "did you mean" suggestion (difflib). The resolved config is written to
 `OUT/config.yaml` through `redact()`, so a credential that slipped into a URI or an address never
 reaches a file.
 
@@ -13,6 +14,7 @@ This module imports no torch and no Ray: the CLI loads and checks a config befor
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -50,7 +52,11 @@ class ModelSection:
 class LossSection:
     """Per-task losses and the weighting between them; `pipeline.reducer.LossConfig` adds the checks."""
     countdown_scale: str = "unit"
-    span_pos_weight: float = 1.0  # 13.1 was the only setting that gave the old runs span F1 > 0
+    # auto: span negatives / positives of the train split (manifest label_counts); the old runs
+    # got span F1 > 0 only with 13.1, and at 1.0 a head on 3-7% in-span bars stays at the base rate
+    span_pos_weight: float | str = "auto"
+    # auto: inverse class frequency of the train split (mean weight 1); null: unweighted
+    type_class_weight: list[float] | str | None = "auto"
     pointer_delta: float = 0.08
     countdown_delta: float = 1.0
     weighting: str = "uncertainty"
@@ -130,83 +136,99 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
     def validate(self) -> "TrainConfig":
-        """Checks across keys; each message names the flag or key to change."""
+        """Checks across keys, all of them: one UserError lists every value to change, each
+        naming its flag or key (a user fixing them one run at a time would pay a run each)."""
+        problems: list[str] = []
+        self._validate_run(problems.append)
+        self._validate_sizes(problems.append)
+        if len(problems) == 1:
+            raise UserError(problems[0])
+        if problems:
+            raise UserError(f"{len(problems)} problems in the run config: " + "; ".join(problems))
+        return self
+
+    def _validate_run(self, bad) -> None:
         t, c, m = self.train, self.cluster, self.model
         if not self.data:
-            raise UserError("no data: pass --data URI (a shard directory with manifest.json)")
+            bad("no data: pass --data URI (a shard directory with manifest.json)")
         if not self.out:
-            raise UserError("no output: pass --out URI (the run directory)")
+            bad("no output: pass --out URI (the run directory)")
         for flag, uri in (("--data", self.data), ("--out", self.out)):
-            _check_uri(flag, uri)
+            _check_uri(bad, flag, uri)
         if t.seed < 0:
-            raise UserError(f"train.seed (--seed) must be >= 0, got {t.seed}")
-        _positive("train.epochs (--epochs)", t.epochs)
-        _positive("train.batch_size (--batch-size)", t.batch_size)
-        _above_zero("train.lr (--lr)", t.lr)
+            bad(f"train.seed (--seed) must be >= 0, got {t.seed}")
+        _positive(bad, "train.epochs (--epochs)", t.epochs)
+        _positive(bad, "train.batch_size (--batch-size)", t.batch_size)
+        _above_zero(bad, "train.lr (--lr)", t.lr)
         if c.workers < 0:
-            raise UserError(f"cluster.workers (--workers) must be >= 0, got {c.workers}")
+            bad(f"cluster.workers (--workers) must be >= 0, got {c.workers}")
         world = max(c.workers, 1)
         if t.batch_size % world:
-            raise UserError(
-                f"--batch-size {t.batch_size} is the global batch and must be divisible by "
+            bad(f"--batch-size {t.batch_size} is the global batch and must be divisible by "
                 f"--workers {c.workers}: use a multiple of {world}")
         if c.max_failures < 0:
-            raise UserError(f"cluster.max_failures (--max-failures) must be >= 0, got {c.max_failures}")
+            bad(f"cluster.max_failures (--max-failures) must be >= 0, got {c.max_failures}")
         if c.workers == 0 and c.max_failures:
-            raise UserError("--max-failures needs worker processes: local mode (--workers 0) "
-                            "cannot restart itself; use --workers 1 or more")
+            bad("--max-failures needs worker processes: local mode (--workers 0) "
+                "cannot restart itself; use --workers 1 or more")
         if t.best_mode not in ("min", "max"):
-            raise UserError(f"train.best_mode must be 'min' or 'max', got {t.best_mode!r}")
+            bad(f"train.best_mode must be 'min' or 'max', got {t.best_mode!r}")
         if t.precision not in ("fp32", "bf16"):
-            raise UserError(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
+            bad(f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
         if isinstance(t.cuda_graphs, bool):
             t.cuda_graphs = "on" if t.cuda_graphs else "off"
         if t.cuda_graphs not in ("auto", "on", "off"):
-            raise UserError(f"train.cuda_graphs must be 'auto', 'on' or 'off', got {t.cuda_graphs!r}")
+            bad(f"train.cuda_graphs must be 'auto', 'on' or 'off', got {t.cuda_graphs!r}")
         if t.cuda_graphs == "on" and c.workers and not c.gpus_per_worker:
-            raise UserError("train.cuda_graphs 'on' needs GPU workers: set cluster.gpus_per_worker "
-                            "(--gpus-per-worker) > 0, or use 'auto'")
+            bad("train.cuda_graphs 'on' needs GPU workers: set cluster.gpus_per_worker "
+                "(--gpus-per-worker) > 0, or use 'auto'")
         if t.scheduler not in ("constant", "cosine"):
-            raise UserError(f"train.scheduler must be 'constant' or 'cosine', got {t.scheduler!r}")
+            bad(f"train.scheduler must be 'constant' or 'cosine', got {t.scheduler!r}")
         for key in ("checkpoint_every_steps", "early_stop_patience", "grad_clip", "probe_every"):
             if getattr(t, key) < 0:
-                raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
-        _positive("train.keep_checkpoints", t.keep_checkpoints)
+                bad(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        _positive(bad, "train.keep_checkpoints", t.keep_checkpoints)
         unknown = [x for x in m.tasks if x not in TASKS]
         if unknown or not m.tasks:
-            raise UserError(f"model.tasks {list(m.tasks)}: choose one or more of {list(TASKS)}")
-        self._validate_sizes()
-        return self
+            bad(f"model.tasks {list(m.tasks)}: choose one or more of {list(TASKS)}")
 
-    def _validate_sizes(self) -> None:
+    def _validate_sizes(self, bad) -> None:
         """Sizes, rates and probabilities: a zero or negative one fails deep inside torch or
         Ray otherwise, with a traceback instead of the key's name."""
         t, c, m, lo, a = self.train, self.cluster, self.model, self.loss, self.alarms
         for key in ("hidden", "num_layers", "head_width"):
-            _positive(f"model.{key}", getattr(m, key))
+            _positive(bad, f"model.{key}", getattr(m, key))
         if m.num_classes < 2:
-            raise UserError(f"model.num_classes must be >= 2, got {m.num_classes}")
+            bad(f"model.num_classes must be >= 2, got {m.num_classes}")
         for key in ("input_dropout", "recurrent_dropout", "dense_dropout"):
-            _fraction(f"model.{key}", getattr(m, key))
+            _fraction(bad, f"model.{key}", getattr(m, key))
         if lo.countdown_scale not in ("unit", "raw"):
-            raise UserError(f"loss.countdown_scale must be 'unit' or 'raw', got {lo.countdown_scale!r}")
-        for key in ("span_pos_weight", "pointer_delta", "countdown_delta"):
-            _above_zero(f"loss.{key}", getattr(lo, key))
+            bad(f"loss.countdown_scale must be 'unit' or 'raw', got {lo.countdown_scale!r}")
+        if lo.span_pos_weight != "auto":
+            _above_zero(bad, "loss.span_pos_weight (a number or auto)", lo.span_pos_weight)
+        for key in ("pointer_delta", "countdown_delta"):
+            _above_zero(bad, f"loss.{key}", getattr(lo, key))
+        w = lo.type_class_weight
+        if isinstance(w, str) and w != "auto":
+            bad(f"loss.type_class_weight must be auto, null or a list of weights, got {w!r}")
+        elif isinstance(w, list) and (len(w) != m.num_classes or any(x < 0 for x in w)):
+            bad(f"loss.type_class_weight needs {m.num_classes} weights >= 0 (model.num_classes), "
+                f"got {w}")
         if t.weight_decay < 0:
-            raise UserError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+            bad(f"train.weight_decay must be >= 0, got {t.weight_decay}")
         if t.weighting_lr is not None:
-            _above_zero("train.weighting_lr", t.weighting_lr)
+            _above_zero(bad, "train.weighting_lr", t.weighting_lr)
         if c.gpus_per_worker < 0:
-            raise UserError(f"cluster.gpus_per_worker (--gpus-per-worker) must be >= 0, "
-                            f"got {c.gpus_per_worker}")
-        _above_zero("cluster.cpus_per_worker", c.cpus_per_worker)
-        _fraction("alarms.starve_share", a.starve_share)
+            bad(f"cluster.gpus_per_worker (--gpus-per-worker) must be >= 0, "
+                f"got {c.gpus_per_worker}")
+        _above_zero(bad, "cluster.cpus_per_worker", c.cpus_per_worker)
+        _fraction(bad, "alarms.starve_share", a.starve_share)
         for key in ("starve_checks", "logvar_epochs", "plateau_epochs"):
-            _positive(f"alarms.{key}", getattr(a, key))
-        _above_zero("alarms.logvar_limit", a.logvar_limit)
+            _positive(bad, f"alarms.{key}", getattr(a, key))
+        _above_zero(bad, "alarms.logvar_limit", a.logvar_limit)
         for key in ("logvar_tolerance", "plateau_min_delta"):
             if getattr(a, key) < 0:
-                raise UserError(f"alarms.{key} must be >= 0, got {getattr(a, key)}")
+                bad(f"alarms.{key} must be >= 0, got {getattr(a, key)}")
 
 
 def check_resources(cfg: TrainConfig, cpus: float, gpus: float, where: str) -> None:
@@ -234,26 +256,27 @@ def check_batch_fits(cfg: TrainConfig, splits: dict) -> None:
                         f"{cfg.data} ({n} windows): use a batch of at most {n}")
 
 
-def _check_uri(flag: str, uri: str) -> None:
+def _check_uri(bad, flag: str, uri: str) -> None:
     if uri.startswith("s3://"):
         bucket = uri[len("s3://"):].split("/", 1)[0]
         if not bucket:
-            raise UserError(f"{flag} {uri}: an S3 URI needs a bucket, like s3://my-bucket/prefix")
+            bad(f"{flag} {uri}: an S3 URI needs a bucket, like s3://my-bucket/prefix")
 
 
-def _above_zero(name: str, value) -> None:
-    if not value > 0:
-        raise UserError(f"{name} must be > 0, got {value}")
+# Each check reports through `bad(message)`, so validate() can list every problem at once.
+def _above_zero(bad, name: str, value) -> None:
+    if isinstance(value, str) or not value > 0:
+        bad(f"{name} must be > 0, got {value}")
 
 
-def _fraction(name: str, value) -> None:
+def _fraction(bad, name: str, value) -> None:
     if not 0 <= value < 1:
-        raise UserError(f"{name} must be in [0, 1), got {value}")
+        bad(f"{name} must be in [0, 1), got {value}")
 
 
-def _positive(name: str, value) -> None:
+def _positive(bad, name: str, value) -> None:
     if value < 1:
-        raise UserError(f"{name} must be >= 1, got {value}")
+        bad(f"{name} must be >= 1, got {value}")
 
 
 def _plain(obj):
@@ -296,6 +319,11 @@ def _type_ok(value, tp) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if tp is dict:
         return isinstance(value, dict), value
+    if origin is list:  # list[float]: numbers only
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return True, [float(v) for v in value]
+        return False, value
     raise TypeError(f"config field type {tp} not handled")
 
 
@@ -303,30 +331,70 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build(cls, data: dict, where: str, prefix: str = ""):
+def _build(cls, data: dict, where: str):
+    """`cls` built from `data`; every unknown key and wrong type in `data` is reported at
+    once, in one UserError naming `where` (a file, "command line"), with "did you mean"."""
+    problems: list[str] = []
+    built = _build_section(cls, data, "", problems)
+    if problems:
+        if len(problems) == 1:
+            raise UserError(f"{where}: {problems[0]}")
+        raise UserError(f"{where}: {len(problems)} problems: " + "; ".join(problems))
+    return built
+
+
+def _build_section(cls, data, prefix: str, problems: list[str]):
+    """One section (or the top level); appends to `problems` and builds with what is valid."""
     if not isinstance(data, dict):
-        raise UserError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, "
+        problems.append(f"{prefix.rstrip('.') or 'the config'} must be a mapping, "
                         f"got {type(data).__name__}")
+        return cls()
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown key {prefix}{unknown[0]} "
-                        f"(known under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))})")
+    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
+        if name not in names:
+            problems.append(f"unknown key {prefix}{name} ({_suggest(name, prefix, names)})")
+            continue
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, where, f"{prefix}{name}.")
+            kwargs[name] = _build_section(tp, value, f"{prefix}{name}.", problems)
             continue
         ok, conv = _type_ok(value, tp)
         if not ok:
-            raise UserError(f"{where}: {prefix}{name} must be {_type_name(tp)}, "
+            problems.append(f"{prefix}{name} must be {_type_name(tp)}, "
                             f"got {type(value).__name__} {value!r}")
-        if isinstance(conv, float) and not math.isfinite(conv):  # --lr nan, `lr: .inf`
-            raise UserError(f"{where}: {prefix}{name} must be a finite number, got {conv}")
-        kwargs[name] = conv
+        elif isinstance(conv, float) and not math.isfinite(conv):  # --lr nan, `lr: .inf`
+            problems.append(f"{prefix}{name} must be a finite number, got {conv}")
+        else:
+            kwargs[name] = conv
     return cls(**kwargs)
+
+
+def _dotted_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every leaf key of the config, dotted (`train.epochs`)."""
+    out = []
+    for f in dataclasses.fields(cls or TrainConfig):
+        tp = typing.get_type_hints(cls or TrainConfig)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _dotted_keys(tp, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _suggest(name: str, prefix: str, names: list[str]) -> str:
+    """"did you mean ..." from the same section, else the same key in another section (a
+    top-level `epochs:` means `train.epochs`), else the section's keys."""
+    close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    leaves = _dotted_keys()
+    elsewhere = [k for k in leaves if k.rsplit(".", 1)[-1] == name]
+    elsewhere = elsewhere or difflib.get_close_matches(str(name), leaves, n=1, cutoff=0.75)
+    if elsewhere:
+        return f"did you mean {elsewhere[0]}?"
+    return f"known under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -287,6 +288,37 @@ class JobsClient:
         with self._errors():
             jobs = [_summary(job) for job in self._client.list_jobs()]
         return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+# Our CLI prints a user error as one `error: ...` line (pipeline/cli.py); lines from Ray workers
+# carry a `(RayTrainWorker pid=...)` prefix.
+_ERROR_LINE = re.compile(r"^(?:\([^)]*\)\s*)?error: (.+)$")
+
+
+def last_error_line(logs: str) -> str | None:
+    """The job's own reason for failing: its last `error: ...` line, without the prefix."""
+    for line in reversed(logs.splitlines()):
+        match = _ERROR_LINE.match(line.strip())
+        if match:
+            return match.group(1).strip()
+    return None
+
+
+def ray_reason(message: str) -> str:
+    """Ray's failure message without the last 20,000 characters of output it appends."""
+    text = message.strip()
+    reason = text.splitlines()[0] if text else "no message"
+    return reason.split(", last available logs")[0]
+
+
+def failure_reason(client: "JobsClient", summary: JobSummary) -> str:
+    """Why a FAILED job failed: its own last `error:` line when its logs have one (it says what
+    to change), else Ray's message (an exit code, a crash)."""
+    try:
+        own = last_error_line(client.logs(summary.job_id))
+    except UserError:  # the logs are gone (a head restarted): Ray's message is all there is
+        own = None
+    return own or ray_reason(summary.message)
 
 
 def _summary(info) -> JobSummary:

@@ -142,8 +142,11 @@ def test_sink_continues_streaks_after_a_resume(tmp_path):
 
 
 def test_summary_line_has_losses_weights_and_metrics():
-    line = summary_line(json.loads((RECORDED / "metrics.jsonl").read_text().splitlines()[3]))
-    assert line.startswith("epoch 3 | train type ")
+    record = json.loads((RECORDED / "metrics.jsonl").read_text().splitlines()[3])
+    assert record["epoch"] == 3  # the record counts from 0, the line from 1
+    line = summary_line(record)
+    assert line.startswith("epoch 4 | train type ")
+    assert summary_line(record, total_epochs=8).startswith("epoch 4/8 | train type ")
     for part in ("| val type ", "| w type ", "ptr ", "cd ", "span F1 ", "samples/s"):
         assert part in line
     assert "\n" not in line
@@ -157,7 +160,8 @@ def test_epoch_progress_plain_lines_when_not_a_tty():
     with epoch_progress(8, 2, stream=out) as bar:
         for _ in range(8):
             bar.advance()
-    assert out.getvalue().splitlines() == [f"epoch 2: {n}/8 batches" for n in (2, 4, 6, 8)]
+    # the third epoch (record epoch 2) reads as epoch 3, like the summary line
+    assert out.getvalue().splitlines() == [f"epoch 3: {n}/8 batches" for n in (2, 4, 6, 8)]
 
 
 def test_epoch_progress_is_a_rich_bar_on_a_terminal():
@@ -170,4 +174,30 @@ def test_epoch_progress_is_a_rich_bar_on_a_terminal():
         for _ in range(4):
             bar.advance()
     text = out.getvalue()
-    assert "epoch 1" in text and "4/4" in text and "batches" not in text
+    assert "epoch 2" in text and "4/4" in text and "batches" not in text
+
+
+def test_alarm_text_counts_epochs_from_1_and_the_record_from_0():
+    # a person reads "epoch 3" for the third epoch; alarms.jsonl keeps the record's epoch 2
+    checker = AlarmChecker(AlarmConfig(starve_share=0.05, starve_checks=1))
+    low = {"countdown": 0.01, "type": 0.33, "pointer": 0.33, "span": 0.33}
+    for e in (0, 1):
+        checker.check(healthy_record(e))
+    (alarm,) = checker.check(healthy_record(2, grad_share=low))
+    assert alarm.epoch == 2 and alarm.to_dict()["epoch"] == 2
+    assert "< 0.05 for 1 epoch (epoch 3)" in alarm.message  # one epoch, not "1 epochs"
+    (nan,) = AlarmChecker().check(healthy_record(4, train={"span": math.nan}))
+    assert nan.message == "span: train loss is nan at epoch 5" and nan.epoch == 4
+    from pipeline.report.alarms import describe_thresholds
+    text = describe_thresholds(AlarmConfig(starve_checks=1, logvar_epochs=2, plateau_epochs=1))
+    assert "for 1 epoch;" in text and "for 2 epochs;" in text and "1 epoch without" in text
+
+
+def test_plateau_text_names_the_best_epoch_from_1():
+    checker = AlarmChecker(AlarmConfig(plateau_epochs=2))
+    fired = []
+    for e in range(4):  # span stops improving after record epoch 0, the others keep improving
+        fired = checker.check(healthy_record(e, val={"span": 1.0}))
+    (alarm,) = [a for a in fired if a.kind == "plateau"]
+    assert alarm.epoch == 3
+    assert "not improved for 3 epochs (best 1 at epoch 1)" in alarm.message

@@ -1,7 +1,8 @@
 """The bad-input catalog for `data ingest`: one test per case.
 
 Each case: a non-zero exit, one error naming the file and the row/column, no traceback, and
-nothing written to --out. Row numbers count data rows from 0.
+nothing written to --out. A CSV's rows are named by file line, then data row from 0
+(`line 9 (data row 7)`); a Parquet file's rows count from 0.
 """
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_flat_window_of_the_wrong_length(tmp_path):
 def test_nan_price(tmp_path):
     bars, _ = bars_columns(2)
     bars["close"][7] = "nan"
-    refused(ingest_bars(tmp_path, bars), "bars.csv", "1 row with NaN or inf price: row 7")
+    refused(ingest_bars(tmp_path, bars), "bars.csv", "1 row with NaN or inf price: line 9 (data row 7)")
 
 
 def test_inf_price_inside_a_window(tmp_path):
@@ -77,7 +78,8 @@ def test_high_below_low_lists_every_row_with_a_count(tmp_path):
     bars, _ = bars_columns(2)
     for r in (4, 17, 90):
         bars["high"][r], bars["low"][r] = bars["low"][r], bars["high"][r] + 1
-    refused(ingest_bars(tmp_path, bars), "bars.csv", "3 rows with high < low: rows 4, 17, 90")
+    refused(ingest_bars(tmp_path, bars), "bars.csv", "3 rows with high < low: line 6 (data row 4), line 19 (data row 17), "
+            "line 92 (data row 90)")
 
 
 def test_open_or_close_outside_the_bar_range(tmp_path):
@@ -93,14 +95,14 @@ def test_non_positive_price(tmp_path):
     bars["low"][3] = -1.0
     for c in ("open", "high", "low", "close"):
         bars[c][5] = 0.0
-    refused(ingest_bars(tmp_path, bars), "bars.csv", "2 rows with non-positive price: rows 3, 5")
+    refused(ingest_bars(tmp_path, bars), "bars.csv", "2 rows with non-positive price: line 5 (data row 3), line 7 (data row 5)")
 
 
 def test_expansion_start_after_end(tmp_path):
     bars, labels = bars_columns(3)
     labels["expansion_start"][1], labels["expansion_end"][1] = 50, 40
     refused(ingest_bars(tmp_path, bars, labels), "labels.csv",
-            "expansion_start > expansion_end: row 1 (50..40)")
+            "expansion_start > expansion_end: line 3 (data row 1: 50..40)")
 
 
 def test_expansion_outside_the_window(tmp_path):
@@ -115,7 +117,7 @@ def test_unknown_label(tmp_path):
     bars, labels = bars_columns(3)
     labels["label"][2] = "bullish"
     refused(ingest_bars(tmp_path, bars, labels), "labels.csv",
-            "unknown label (expected consolidation or retracement): row 2 ('bullish')")
+            "unknown label (expected consolidation or retracement): line 4 (data row 2: 'bullish')")
 
 
 def test_duplicate_window_ids(tmp_path):
@@ -129,13 +131,13 @@ def test_bars_out_of_time_order(tmp_path):
     bars, _ = bars_columns(2)
     for c in bars:
         bars[c][10], bars[c][11] = bars[c][11], bars[c][10]
-    refused(ingest_bars(tmp_path, bars), "bars.csv", "bars out of time order): row 11")
+    refused(ingest_bars(tmp_path, bars), "bars.csv", "bars out of time order): line 13 (data row 11)")
 
 
 def test_duplicate_timestamps(tmp_path):
     bars, _ = bars_columns(2)
     bars["timestamp"][20] = bars["timestamp"][19]
-    refused(ingest_bars(tmp_path, bars), "bars.csv", "duplicate timestamp", "row 20")
+    refused(ingest_bars(tmp_path, bars), "bars.csv", "duplicate timestamp", "line 22 (data row 20)")
 
 
 def test_labels_start_not_in_the_bar_series(tmp_path):
@@ -143,13 +145,13 @@ def test_labels_start_not_in_the_bar_series(tmp_path):
     labels["start"][0] = "2030-01-01T00:00:00Z"
     labels["start"][2] = "99999999"
     refused(ingest_bars(tmp_path, bars, labels), "labels.csv",
-            "2 rows with a start that is not in the bar series", "rows 0 ('2030-01-01T00:00:00Z'), 2")
+            "2 rows with a start that is not in the bar series", "line 2 (data row 0: '2030-01-01T00:00:00Z'), line 4 (data row 2: '99999999')")
 
 
 def test_labels_window_running_past_the_last_bar(tmp_path):
     bars, labels = bars_columns(3)
     labels["start"][1] = str(len(bars["timestamp"]) - 50)
-    refused(ingest_bars(tmp_path, bars, labels), "labels.csv", "runs past the last bar", "row 1")
+    refused(ingest_bars(tmp_path, bars, labels), "labels.csv", "runs past the last bar", "line 3 (data row 1")
 
 
 def test_unreadable_values_are_named_not_guessed(tmp_path):
@@ -157,8 +159,8 @@ def test_unreadable_values_are_named_not_guessed(tmp_path):
     bars["open"][2] = "12,5"  # a decimal comma would split the CSV field; use a word instead
     bars["open"][2] = "abc"
     bars["timestamp"][6] = "yesterday"
-    refused(ingest_bars(tmp_path, bars), "bars.csv", "non-numeric open: row 2 ('abc')",
-            "unreadable timestamp", "row 6 ('yesterday')")
+    refused(ingest_bars(tmp_path, bars), "bars.csv", "non-numeric open: line 4 (data row 2: 'abc')",
+            "unreadable timestamp", "line 8 (data row 6: 'yesterday')")
 
 
 def test_every_problem_of_a_file_at_once(tmp_path):
@@ -168,8 +170,9 @@ def test_every_problem_of_a_file_at_once(tmp_path):
     bars["close"][5] = "inf"
     bars["timestamp"][30] = bars["timestamp"][29]
     refused(ingest_bars(tmp_path, bars), "bars.csv", "3 problems",
-            "3 rows with high < low: rows 4, 17, 90", "1 row with NaN or inf price: row 5",
-            "duplicate timestamp (same as the previous row): row 30")
+            "3 rows with high < low: line 6 (data row 4), line 19 (data row 17), "
+            "line 92 (data row 90)", "1 row with NaN or inf price: line 7 (data row 5)",
+            "duplicate timestamp (same as the previous row): line 32 (data row 30)")
 
 
 def test_labels_file_with_a_header_only(tmp_path):
@@ -194,7 +197,7 @@ def test_a_refused_input_leaves_an_existing_data_set_untouched(tmp_path):
     bars["close"][1] = "nan"
     proc = run_cli("data", "ingest", "--format", "bars", "--in", write_csv(tmp_path / "b.csv", bars),
                    "--out", out)
-    assert_user_error(proc, "b.csv", "row 1")
+    assert_user_error(proc, "b.csv", "line 3 (data row 1)")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -106,6 +106,8 @@ def test_submit_a_real_train_run_to_the_token_auth_cluster(ray_cluster, tmp_path
     assert f"run: {out}" in proc.stdout and "SUCCEEDED" in proc.stderr
     status = _cli(ray_cluster, "status", _job_id(proc), "--address", ray_cluster.dashboard_url)
     assert status.returncode == 0 and f"run: {out}" in status.stdout, status.stdout + status.stderr
+    # how far it got, from its metrics.jsonl (record epoch 0 is the first of 1)
+    assert "progress: epoch 1 of 1 done" in status.stdout, status.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["epoch"] == 0
     assert set(records[0]["span"]) >= {"f1", "window_f1", "prob_separation"}
@@ -128,6 +130,46 @@ def test_failed_job_is_reported_with_non_zero_exit(ray_cluster):
     assert [line for line in status.stderr.splitlines() if line.strip()] == \
         [line for line in status.stderr.splitlines() if line.startswith("error: ")]
     assert "about to fail" not in status.stderr
+
+
+def test_a_failed_train_job_is_reported_with_its_own_error_line(ray_cluster, tmp_path):
+    # a real `train` on the cluster, refused by its preflight: the user needs its words (what to
+    # change), not Ray's "exit code 2"
+    proc = _cli(ray_cluster, "submit", "--address", ray_cluster.dashboard_url, "--follow", "--",
+                "--data", str(tmp_path / "no-shards"), "--out", str(tmp_path / "run"),
+                "--workers", "0", "--epochs", "1", timeout=240)
+    job_id = _job_id(proc)
+    assert_user_error(proc, f"job {job_id} failed: {tmp_path / 'no-shards'}: not found",
+                      "moola-pipeline data build")
+    status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
+    assert_user_error(status, f"job {job_id} failed: {tmp_path / 'no-shards'}: not found, so no "
+                              "shard set here", f"`moola-pipeline logs {job_id}`")
+    assert "exit code" not in status.stderr and "error: error:" not in status.stderr
+    assert [line for line in status.stderr.splitlines() if line.strip()] == \
+        [line for line in status.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_list_shows_the_progress_of_a_running_jobs_run(ray_cluster, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from pipeline.jobs import METADATA_RUN_URI, JobsClient
+
+    run = tmp_path / "run"  # a run dir of 8 recorded epochs out of the 8 its config asks for
+    shutil.copytree(Path(__file__).parent / "data" / "recorded_run", run)
+    client = JobsClient(ray_cluster.dashboard_url, ray_cluster.token)
+    job_id = client.submit(_python("import time; time.sleep(300)"),
+                           metadata={METADATA_RUN_URI: str(run)})
+    try:
+        assert client.wait(job_id, timeout_s=0).status in ("PENDING", "RUNNING")
+        listed = _cli(ray_cluster, "list", "--address", ray_cluster.dashboard_url)
+        assert listed.returncode == 0, listed.stderr
+        (line,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
+        assert line.endswith(f"{run} (epoch 8 of 8 done)"), line
+        status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
+        assert "progress: epoch 8 of 8 done" in status.stdout, status.stdout
+    finally:
+        client.stop(job_id)
 
 
 def test_stop_a_running_job_and_refuse_a_reused_job_id(ray_cluster):

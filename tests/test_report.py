@@ -164,7 +164,7 @@ def test_a_half_written_last_line_of_a_live_run_is_left_out_and_said(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 8, "train": {"ty')  # no newline: the writer is mid-line
     text = Path(write_report(str(run))).read_text()
-    assert f"{n} epoch(s) recorded" in text
+    assert f"{n} epochs recorded" in text
     assert "last line is incomplete" in text
 
 
@@ -227,8 +227,8 @@ def test_fresh_training_run_ends_with_report_tensorboard_and_epoch_lines(tmp_pat
                    tmp_path / "run.yaml", "--epochs", "3", "--batch-size", "8", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = proc.stdout + proc.stderr
-    for epoch in range(3):
-        assert re.search(rf"^epoch {epoch} \| train type \S+ ptr \S+ span \S+ cd \S+ \| val ",
+    for epoch in (1, 2, 3):  # counted from 1, out of the 3 asked for
+        assert re.search(rf"^epoch {epoch}/3 \| train type \S+ ptr \S+ span \S+ cd \S+ \| val ",
                          logs, re.M), logs[-3000:]
     assert str(out / "report.html") in logs
     assert_renders(tmp_path, out / "report.html")
@@ -276,3 +276,75 @@ def test_report_and_compare_of_an_s3_run_directory(tmp_path, s3_bucket, monkeypa
     from pipeline.report.compare import write_comparison
     write_comparison([uri, str(RECORDED)], f"{s3_bucket.uri}/cmp.html")
     assert "cmp.html" in s3_bucket.keys()
+
+
+def test_report_counts_epochs_from_1_and_pluralises(tmp_path):
+    from pipeline.report.html import render_report
+    from pipeline.report.run import load_run
+
+    run = copy_run(tmp_path)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["epoch"] == 7 and records[-1]["best_epoch"] == 7  # the records: from 0
+    text = render_report(load_run(str(run)))
+    assert "8 epochs recorded" in text and "best epoch 8 &middot;" in text
+    assert "final (epoch 8)" in text and "at best epoch (8)" in text
+    assert "(epoch 0)" not in text and "final (epoch 7)" not in text
+    logged = json.loads((run / "alarms.jsonl").read_text().splitlines()[0])
+    assert logged["epoch"] == 0  # the alarm table shows it as the first epoch
+    assert '<tr><td class="l">1</td><td class="l">starving</td><td class="l">pointer</td>' in text
+    (run / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert "1 epoch recorded" in render_report(load_run(str(run)))
+
+
+def test_report_and_compare_have_no_empty_header_row(tmp_path):
+    from pipeline.report.compare import render_comparison
+    from pipeline.report.html import render_report
+    from pipeline.report.run import load_run
+
+    runs = [load_run(str(copy_run(tmp_path, "a"))), load_run(str(make_starving(tmp_path)))]
+    empty_header = re.compile(r"<tr>(?:<th[^>]*></th>)+</tr>")
+    for text in (render_report(runs[0]), render_comparison(runs)):
+        assert text.count("<table>") > 1
+        assert not empty_header.search(text)
+    assert "<table><tr><td class=\"l\">feature set</td>" in render_report(runs[0])
+
+
+def test_compare_bolds_the_best_run_in_every_row_including_per_task_losses(tmp_path):
+    from pipeline.report.compare import render_comparison
+    from pipeline.report.run import load_run
+
+    runs = [load_run(str(make_healthy(tmp_path))), load_run(str(make_starving(tmp_path)))]
+    text = render_comparison(runs)
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td class=\"l\">([^<]*)</td>.*?</tr>", text)}
+    for task in ("type", "pointer", "span", "countdown"):
+        row = rows[f"val loss {task}"]
+        best = [min(v for v in (r.records[i]["val"][task] for i in range(len(r.records))))
+                for r in runs]
+        winners = [i for i, b in enumerate(best) if b == min(best)]  # a tie bolds both
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        bold = [i for i, c in enumerate(cells) if c.startswith("<b>")]
+        assert bold == [2 * w + 1 for w in winners], (task, row)  # the best runs' best cells
+        assert re.search(r"\(ep \d+\)", row) and "(ep 0)" not in row  # epochs from 1
+
+
+def test_plot_axes_count_whole_epochs_from_1(tmp_path, monkeypatch):
+    from pipeline.report import plots
+    from pipeline.report.run import load_run
+
+    figures = []
+    real_to_png = plots.to_png
+    monkeypatch.setattr(plots, "to_png", lambda fig: figures.append(fig) or real_to_png(fig))
+    run = load_run(str(copy_run(tmp_path)))
+    records = run.records[:3]  # a short run: matplotlib would tick 0.25, 0.5, ...
+    plots.loss_curves(records, run.epochs[:3], run.tasks, best_epoch=1)
+    plots.overlay_curves([run], [("val.span", "val loss: span")])
+    assert len(figures) == 2
+    for fig in figures:
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert list(ax.get_lines()[0].get_xdata())[:3] == [1, 2, 3]
+    best = [line for line in figures[0].axes[0].get_lines() if line.get_label() == "best epoch"]
+    assert list(best[0].get_xdata()) == [2, 2]  # record epoch 1 is the second epoch

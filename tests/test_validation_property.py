@@ -24,8 +24,9 @@ BARS_DEFECTS = ["nan", "word", "empty", "non_positive", "high_below_low", "close
 
 
 def named_rows(message: str) -> set[int]:
-    """Row numbers listed in a problems message ("... : rows 4 (bar 3), 17; ...")."""
-    rows = set()
+    """Row numbers listed in a problems message ("... : rows 4 (bar 3), 17; ..." for Parquet,
+    "... : line 6 (data row 4), line 19 (data row 17: 'n/a'); ..." for a CSV)."""
+    rows = {int(r) for r in re.findall(r"\(data row (\d+)", message)}
     for part in message.split("; "):
         m = re.match(r"rows? (.*)$", part.rsplit(": ", 1)[-1])
         if not m:

@@ -37,14 +37,22 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-def _fail_if_failed(summary) -> None:
+def _fail_if_failed(client, summary) -> None:
     if summary.status == "FAILED":
-        # Ray appends the job's last 20,000 characters of output to the message: keep the
-        # first line, `logs` is where the output is read
-        reason = summary.message.strip().splitlines()[0] if summary.message.strip() else "no message"
-        reason = reason.split(", last available logs")[0]
-        raise UserError(f"job {summary.job_id} failed: {reason} "
+        from pipeline.jobs import failure_reason
+
+        raise UserError(f"job {summary.job_id} failed: {failure_reason(client, summary)} "
                         f"(`moola-pipeline logs {summary.job_id}` shows its output)")
+
+
+def _progress(run_uri: str | None) -> str | None:
+    """`epoch 3 of 20 done` from the run's metrics.jsonl, when it can be read from here."""
+    if not run_uri:
+        return None
+    from pipeline.report.run import run_progress
+
+    progress = run_progress(run_uri)
+    return None if progress is None else str(progress)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -120,14 +128,22 @@ def _check_train_args(args: list[str]) -> None:
 @token_option
 @click.argument("job_id")
 def status(address, token, job_id):
-    """Show a job's status (exits non-zero when the job failed)."""
-    summary = _client(address, token).info(job_id)
+    """Show a job's status (exits non-zero when the job failed).
+
+    Also how far its run has got (epoch i of n, from the run's metrics.jsonl) when its --out can
+    be read from here; a failed job's reason is its own last `error:` line.
+    """
+    client = _client(address, token)
+    summary = client.info(job_id)
     click.echo(f"{summary.job_id}: {summary.status}")
     if summary.run_uri:
         click.echo(f"run: {summary.run_uri}")
+        progress = _progress(summary.run_uri)
+        if progress:
+            click.echo(f"progress: {progress}")
     if summary.message and summary.status != "FAILED":
         click.echo(summary.message.strip())
-    _fail_if_failed(summary)
+    _fail_if_failed(client, summary)
 
 
 def _follow(client, job_id: str) -> None:
@@ -137,7 +153,7 @@ def _follow(client, job_id: str) -> None:
     # the stream ends a moment before the job's final status is recorded
     summary = client.wait(job_id, timeout_s=30)
     click.echo(f"{summary.job_id}: {summary.status}", err=True)
-    _fail_if_failed(summary)
+    _fail_if_failed(client, summary)
 
 
 @click.command()
@@ -174,12 +190,20 @@ def _when(ts: float | None) -> str:
 @address_option
 @token_option
 def list_jobs(address, token):
-    """List the cluster's jobs, oldest first."""
+    """List the cluster's jobs, oldest first.
+
+    An unfinished job's run shows its progress when its --out can be read from here.
+    """
+    from pipeline.jobs import TERMINAL
+
     jobs = _client(address, token).list()
     if not jobs:
         click.echo("no jobs")
         return
     click.echo(f"{'JOB':<32} {'STATUS':<10} {'STARTED (UTC)':<20} RUN")
     for job in jobs:
+        # progress of unfinished jobs only: one read of the run dir per job, and a finished
+        # job's `status` says how far it got
+        progress = _progress(job.run_uri) if job.status not in TERMINAL else None
         click.echo(f"{job.job_id:<32} {job.status:<10} {_when(job.start_time):<20} "
-                   f"{job.run_uri or job.entrypoint[:60]}")
+                   f"{job.run_uri or job.entrypoint[:60]}" + (f" ({progress})" if progress else ""))

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from pipeline import storage
+from pipeline.data.schema import WINDOWS_FILE
 from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -48,23 +49,17 @@ def sha256_of(uri: str) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(uri: str, verify: bool = True, splits: tuple[str, ...] | None = None) -> dict:
+def load_manifest(uri: str, verify: bool = True, splits: tuple[str, ...] | None = None,
+                  flag: str | None = None) -> dict:
     """Read and check `URI/manifest.json`; with `verify`, also check each shard's size and sha256.
 
     `splits` limits verification to the shards of those splits (a val loader need not hash the
-    training shards). Any problem is a `UserError` that names the file.
+    training shards). Any problem is a `UserError` that names the file (and `flag`, the option
+    the URI came from, when given).
     """
     uri = str(uri).rstrip("/") if storage.is_s3(uri) else str(uri)
-    if storage.is_s3(uri):
-        storage.check_bucket(uri)
+    check_shard_dir(uri, flag)
     m_uri = manifest_uri(uri)
-    if not storage.exists(m_uri):
-        if storage.exists(uri) and storage.listdir(uri):
-            raise UserError(f"{m_uri}: missing, so {uri} is not a complete shard set (a shard "
-                            f"run that did not finish, or not a shard directory); run "
-                            f"`moola-pipeline data shard` again")
-        raise UserError(f"{uri}: no shard set here (no {MANIFEST_NAME}); create one with "
-                        f"`moola-pipeline data shard --in WINDOWS --out {uri}`")
     manifest = storage.read_json(m_uri)
     check_manifest(manifest, m_uri)
     if verify:
@@ -72,6 +67,54 @@ def load_manifest(uri: str, verify: bool = True, splits: tuple[str, ...] | None 
             if splits is None or shard["split"] in splits:
                 verify_shard(uri, shard)
     return manifest
+
+
+BUILD_HINT = ("build one with `moola-pipeline data build --out SHARDS` (synthetic, or "
+              "--source bars|moola --in FILE), or shard a windows data set with "
+              "`moola-pipeline data shard --in WINDOWS --out SHARDS`")
+
+
+def check_shard_dir(uri: str, flag: str | None = None) -> None:
+    """Refuse, with what to run instead, a URI that is not a complete shard set: a missing path,
+    a file (a bars CSV given to --data), a windows data set that was never sharded, or a shard
+    run that did not finish. `flag` (`--data`) names where the URI came from."""
+    where = f"{flag} {uri}" if flag else uri
+    if storage.is_s3(uri):
+        storage.check_bucket(uri)
+    info = storage.file_info(uri)
+    if info.type == storage.pafs.FileType.NotFound:
+        raise UserError(f"{where}: not found, so no shard set here; {BUILD_HINT}")
+    if info.type == storage.pafs.FileType.File:
+        raise UserError(f"{where}: a file, not a shard directory (a directory with "
+                        f"{MANIFEST_NAME}); {_from_file_hint(uri)}")
+    if storage.exists(manifest_uri(uri)):
+        return
+    if storage.exists(storage.join(uri, WINDOWS_FILE)):
+        raise UserError(f"{where}: a windows data set (the output of `data ingest` or `data "
+                        f"synth`), not shards: shard it first with `moola-pipeline data shard "
+                        f"--in {uri} --out SHARDS`, then use SHARDS"
+                        + (f" as {flag}" if flag else ""))
+    if storage.listdir(uri):
+        raise UserError(f"{manifest_uri(uri)}: missing, so {where} is not a complete shard set "
+                        f"(a shard run that did not finish, or not a shard directory); run "
+                        f"`moola-pipeline data shard` again, or {BUILD_HINT}")
+    raise UserError(f"{where}: an empty directory, so no shard set here (no {MANIFEST_NAME}); "
+                    f"{BUILD_HINT}")
+
+
+def _from_file_hint(uri: str) -> str:
+    """What turns this file into shards."""
+    name = storage.basename(uri)
+    if name == WINDOWS_FILE:
+        return (f"it belongs to a windows data set; shard that with `moola-pipeline data shard "
+                f"--in {storage.parent(uri)} --out SHARDS`")
+    if name == MANIFEST_NAME:
+        return f"pass the directory that holds it, {storage.parent(uri)}"
+    if name.lower().endswith((".csv", ".csv.gz", ".txt")):
+        return (f"build shards from it with `moola-pipeline data build --source bars --in {uri} "
+                f"--out SHARDS` (add --labels LABELS.csv for labeled windows)")
+    return (f"build shards from it with `moola-pipeline data build --source moola --in {uri} "
+            f"--out SHARDS` (moola's labeled Parquet; --source bars for a bar series)")
 
 
 def check_manifest(manifest: Any, m_uri: str) -> None:

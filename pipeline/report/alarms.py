@@ -13,6 +13,9 @@ the epoch it becomes visible:
   has, i.e. the others are learning and this one is not;
 - non-finite: NaN or inf in any train or val loss.
 
+`Alarm.epoch` counts from 0, like the records (alarms.jsonl is a machine record); the messages
+count epochs from 1, like everything else a person reads.
+
 `AlarmChecker` is incremental (the live sink feeds it one record per epoch); `replay()` runs it
 over a whole run for the report. Both use the same code, so the report shows what the run printed.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from pipeline.report.run import number
+from pipeline.report.run import epochs_text, number, shown_epoch
 
 
 @dataclass
@@ -91,7 +94,7 @@ class AlarmChecker:
                 v = number(value)
                 if v is not None and not math.isfinite(v):
                     out.append(Alarm("nonfinite", task, epoch,
-                                     f"{task}: {split} loss is {v} at epoch {epoch}"))
+                                     f"{task}: {split} loss is {v} at epoch {shown_epoch(epoch)}"))
         return out
 
     def _starving(self, record: dict, epoch: int) -> list[Alarm]:
@@ -108,12 +111,12 @@ class AlarmChecker:
             if n >= c.starve_checks or task in probe_says:
                 share = number(shares.get(task))
                 figure = f"{share:.3g}" if share is not None else "n/a"
-                how_long = (f"< {c.starve_share:g} for {n} epochs" if n >= c.starve_checks else
+                how_long = (f"< {c.starve_share:g} for {epochs_text(n)}" if n >= c.starve_checks else
                             "below the gradient probe's threshold for its last checks")
                 out.append(Alarm("starving", task, epoch,
                                  f"{task} is starving: gradient share on the shared encoder "
-                                 f"{figure}, {how_long} (epoch {epoch}); its loss barely moves "
-                                 f"the encoder"))
+                                 f"{figure}, {how_long} (epoch {shown_epoch(epoch)}); its loss "
+                                 f"barely moves the encoder"))
         return out
 
     def _logvar(self, record: dict, epoch: int) -> list[Alarm]:
@@ -134,7 +137,7 @@ class AlarmChecker:
             if self._at_bound[task] >= c.logvar_epochs:
                 out.append(Alarm("logvar_bound", task, epoch,
                                  f"{task}: log-variance s = {s:.3g} stuck at {what} for "
-                                 f"{self._at_bound[task]} epochs (weight exp(-s) = "
+                                 f"{epochs_text(self._at_bound[task])} (weight exp(-s) = "
                                  f"{math.exp(-s):.3g})"))
         return out
 
@@ -155,8 +158,9 @@ class AlarmChecker:
             others = [t for t, e in improved_at.items() if t != task and epoch - e < c.plateau_epochs]
             if stalled >= c.plateau_epochs and others:
                 out.append(Alarm("plateau", task, epoch,
-                                 f"{task}: val loss has not improved for {stalled} epochs (best "
-                                 f"{self._best_val[task][0]:.4g} at epoch {last}) while "
+                                 f"{task}: val loss has not improved for {epochs_text(stalled)} "
+                                 f"(best {self._best_val[task][0]:.4g} at epoch "
+                                 f"{shown_epoch(last)}) while "
                                  f"{', '.join(sorted(others))} improved"))
         return out
 
@@ -179,9 +183,10 @@ def replay(records: list[dict], config: AlarmConfig | None = None) -> list[tuple
 def describe_thresholds(config: AlarmConfig) -> str:
     clamp = (f"clamp {list(config.logvar_clamp)}" if config.logvar_clamp
              else f"|s| >= {config.logvar_limit:g} (no clamp)")
-    return (f"starving: share < {config.starve_share:g} for {config.starve_checks} epochs; "
-            f"log-variance: {clamp} for {config.logvar_epochs} epochs; plateau: "
-            f"{config.plateau_epochs} epochs without val improvement while another task "
+    return (f"starving: share < {config.starve_share:g} for "
+            f"{epochs_text(config.starve_checks)}; "
+            f"log-variance: {clamp} for {epochs_text(config.logvar_epochs)}; plateau: "
+            f"{epochs_text(config.plateau_epochs)} without val improvement while another task "
             f"improves; any NaN/inf loss")
 
 

@@ -16,7 +16,7 @@ from pipeline.report import plots
 from pipeline.report.alarms import AlarmConfig, replay
 from pipeline.report.html import METRIC_ROWS
 from pipeline.report.page import Raw, esc, fmt, img, page, table
-from pipeline.report.run import TASKS, Run, load_run, lookup, number
+from pipeline.report.run import TASKS, Run, load_run, lookup, number, shown_epoch
 
 DEFAULT_OUT = "compare.html"
 
@@ -42,30 +42,26 @@ def _best(run: Run, path: str, better: str) -> tuple[float, int] | None:
 def _metric_table(runs: list[Run]) -> str:
     header = ["metric"] + [f"{plots.run_label(r, i)}: {kind}" for i, r in enumerate(runs)
                            for kind in ("final", "best")]
-    rows = []
-    for label, path, better in METRIC_ROWS:
-        if not any(_best(r, path, better) for r in runs):
-            continue
-        row = [label]
-        bests = [_best(r, path, better) for r in runs]
-        winner = [b[0] for b in bests if b]
-        winner = (max(winner) if better == "max" else min(winner)) if winner else None
-        for run, b in zip(runs, bests):
-            row.append(lookup(run.records[-1], path))
-            if b is None:
-                row.append(None)
-            else:
-                text = f"{fmt(b[0])} (ep {b[1]})"
-                row.append(Raw(f"<b>{text}</b>" if b[0] == winner and len(runs) > 1 else text))
-        rows.append(row)
-    for task in _tasks(runs):
-        row = [f"val loss {task}"]
-        for run in runs:
-            b = _best(run, f"val.{task}", "min")
-            row += [lookup(run.records[-1], f"val.{task}"),
-                    f"{fmt(b[0])} (ep {b[1]})" if b else None]
-        rows.append(row)
+    rows = [[label, *_compared(runs, path, better)] for label, path, better in METRIC_ROWS
+            if any(_best(r, path, better) for r in runs)]
+    rows += [[f"val loss {task}", *_compared(runs, f"val.{task}", "min")] for task in _tasks(runs)]
     return table(header, rows)
+
+
+def _compared(runs: list[Run], path: str, better: str) -> list:
+    """(final, best) cells of one metric for every run; the best run's best value in bold."""
+    bests = [_best(r, path, better) for r in runs]
+    values = [b[0] for b in bests if b]
+    winner = (max(values) if better == "max" else min(values)) if values else None
+    cells = []
+    for run, b in zip(runs, bests):
+        cells.append(lookup(run.records[-1], path))
+        if b is None:
+            cells.append(None)
+            continue
+        text = f"{fmt(b[0])} (ep {shown_epoch(b[1])})"
+        cells.append(Raw(f"<b>{text}</b>" if b[0] == winner and len(runs) > 1 else text))
+    return cells
 
 
 def _tasks(runs: list[Run]) -> list[str]:
@@ -78,9 +74,11 @@ def _run_table(runs: list[Run]) -> str:
     rows = []
     for i, run in enumerate(runs):
         alarms = replay(run.records, AlarmConfig.from_run_config(run.config))
-        text = "; ".join(f"{a.kind} {a.task} (epoch {a.epoch})" for a, _ in alarms) or "none"
+        text = "; ".join(f"{a.kind} {a.task} (epoch {shown_epoch(a.epoch)})"
+                         for a, _ in alarms) or "none"
+        best = None if run.best_epoch is None else shown_epoch(run.best_epoch)
         rows.append([plots.run_label(run, i), Raw(f"<code>{esc(redact(run.uri))}</code>"),
-                     len(run.records), run.best_epoch, lookup(run.records[-1], "world_size"),
+                     len(run.records), best, lookup(run.records[-1], "world_size"),
                      Raw(esc(text))])
     return table(["run", "directory", "epochs", "best epoch", "workers", "balance alarms"],
                  rows, left_cols=2)
@@ -93,8 +91,8 @@ def render_comparison(runs: list[Run]) -> str:
             f'<p class="sub">generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>',
             "<h2>Runs</h2>", _run_table(runs),
             "<h2>Final and best metrics</h2>",
-            '<p class="sub">best = best value over the epochs (epoch in brackets); bold marks '
-            'the best run.</p>', _metric_table(runs),
+            '<p class="sub">best = best value over the epochs (epoch in brackets, counted from '
+            '1); bold marks the best run.</p>', _metric_table(runs),
             "<h2>Val loss per task</h2>",
             img(plots.overlay_curves(runs, [(f"val.{t}", f"val loss: {t}") for t in tasks]
                                      + [("val_loss", "val loss: sum of tasks")]),

@@ -3,7 +3,8 @@
 Alarms come first (a starving task should be the first thing a person sees), then the losses,
 weights and gradients that explain them, the task metrics, the best epoch's predictions, and
 the run's context (throughput, config, data). Written at the end of every run and by
-`moola-pipeline report RUN`, for a local or s3:// run directory.
+`moola-pipeline report RUN`, for a local or s3:// run directory. Epochs on the page count from 1
+(`shown_epoch`); the records they come from count from 0.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pipeline import storage
 from pipeline.report import plots
 from pipeline.report.alarms import AlarmConfig, describe_thresholds, replay
 from pipeline.report.page import Raw, esc, fmt, img, page, table
-from pipeline.report.run import REPORT, Run, load_run, lookup, number
+from pipeline.report.run import REPORT, Run, epochs_text, load_run, lookup, number, shown_epoch
 
 # Keys issue 4 asks every record to carry; the report lists those no record has.
 EXPECTED_KEYS = ["epoch", "step", "world_size", "train", "val", "weights", "log_vars",
@@ -93,13 +94,13 @@ def _subtitle(run: Run) -> str:
     parts = [f"run directory <code>{esc(redact(run.uri))}</code>"]
     if last.get("run_id"):
         parts.append(f"run id {esc(last['run_id'])}")
-    parts.append(f"{len(run.records)} epoch(s) recorded")
+    parts.append(f"{epochs_text(len(run.records))} recorded")
     if last.get("world_size") is not None:
         parts.append(f"{esc(last['world_size'])} worker(s)")
     if run.weighting:
         parts.append(f"weighting <b>{esc(run.weighting)}</b>")
     if run.best_epoch is not None:
-        parts.append(f"best epoch {run.best_epoch}")
+        parts.append(f"best epoch {shown_epoch(run.best_epoch)}")
     parts.append(f"generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}")
     return f'<p class="sub">{" &middot; ".join(parts)}</p>'
 
@@ -110,14 +111,18 @@ def _alarm_section(run: Run, cfg: AlarmConfig) -> list[str]:
     seen = set()
     for first, latest in replay(run.records, cfg):
         seen.add(first.key)
-        state = "still active" if latest.epoch == final_epoch else f"cleared after epoch {latest.epoch}"
-        rows.append([first.epoch, first.kind, first.task, Raw(esc(latest.message)), state])
+        state = "still active" if latest.epoch == final_epoch else \
+            f"cleared after epoch {shown_epoch(latest.epoch)}"
+        rows.append([shown_epoch(first.epoch), first.kind, first.task, Raw(esc(latest.message)),
+                     state])
     for logged in run.logged_alarms:  # raised live under other thresholds, not reproduced here
         key = (logged.get("kind"), logged.get("task"))
         if key not in seen:
             seen.add(key)
-            rows.append([logged.get("epoch"), logged.get("kind"), logged.get("task"),
-                         Raw(esc(logged.get("message", ""))), "logged during training"])
+            epoch = logged.get("epoch")  # alarms.jsonl counts from 0, the table from 1
+            rows.append([None if number(epoch) is None else shown_epoch(epoch), logged.get("kind"),
+                         logged.get("task"), Raw(esc(logged.get("message", ""))),
+                         "logged during training"])
     thresholds = f'<p class="sub">Checks: {esc(describe_thresholds(cfg))}.</p>'
     if not rows:
         return ['<div class="ok"><h2>No balance alarms</h2>', thresholds, "</div>"]
@@ -149,10 +154,11 @@ def _metric_table(run: Run, best_epoch: int | None) -> str:
             continue
         top = max(values) if better == "max" else min(values)
         rows.append([label, lookup(last, path), lookup(best, path) if best else None,
-                     f"{fmt(top[0])} (epoch {top[1]})"])
+                     f"{fmt(top[0])} (epoch {shown_epoch(top[1])})"])
     if not rows:
         return '<p class="note">No task metrics in the records.</p>'
-    return table(["metric", f"final (epoch {run.epochs[-1]})", f"at best epoch ({best_epoch})",
+    at_best = "at best epoch" + ("" if best_epoch is None else f" ({shown_epoch(best_epoch)})")
+    return table(["metric", f"final (epoch {shown_epoch(run.epochs[-1])})", at_best,
                   "best over epochs"], rows)
 
 
@@ -188,7 +194,7 @@ def _manifest_section(run: Run) -> list[str]:
             ["splits", ", ".join(f"{k} {v}" for k, v in (m.get("splits") or {}).items())],
             ["shards", f"{len(shards)} files, {sum(int(s.get('bytes') or 0) for s in shards):,} bytes"],
             ["seed", m.get("seed")], ["created", m.get("created")]]
-    body = ["<h2>Data (manifest summary)</h2>", table(["", ""], rows, left_cols=2)]
+    body = ["<h2>Data (manifest summary)</h2>", table(None, rows, left_cols=2)]
     for key in ("split_policy", "source"):
         if m.get(key):
             body.append(f"<p><b>{key.replace('_', ' ')}</b></p>"

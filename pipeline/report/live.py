@@ -23,7 +23,7 @@ from typing import IO, Iterator
 
 from pipeline import storage
 from pipeline.report.alarms import Alarm, AlarmChecker, AlarmConfig
-from pipeline.report.run import ALARMS, METRICS, TASKS, lookup, number
+from pipeline.report.run import ALARMS, METRICS, TASKS, lookup, number, shown_epoch
 from pipeline.report.tensorboard import scalars
 
 SHORT = {"type": "type", "pointer": "ptr", "span": "span", "countdown": "cd"}
@@ -34,11 +34,15 @@ def _g(value) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def summary_line(record: dict) -> str:
-    """`epoch 3 | train type 0.91 ptr 0.015 ... | val ... | w ... | span F1 0.21 | 410 samples/s`"""
+def summary_line(record: dict, total_epochs: int | None = None) -> str:
+    """`epoch 3/20 | train type 0.91 ptr 0.015 ... | val ... | w ... | span F1 0.21 | 410 samples/s`
+
+    The epoch counts from 1 (the record's `epoch` counts from 0), like the progress bar."""
     tasks = [t for t in TASKS if t in (record.get("train") or {})] or \
         [t for t in (record.get("train") or {})]
-    parts = [f"epoch {record.get('epoch', '?')}"]
+    epoch = record.get("epoch")
+    shown = "?" if number(epoch) is None else str(shown_epoch(epoch))
+    parts = [f"epoch {shown}" + (f"/{total_epochs}" if total_epochs else "")]
     for key, label in (("train", "train"), ("val", "val"), ("weights", "w")):
         block = record.get(key) or {}
         if block:
@@ -70,6 +74,7 @@ class EpochSink:
         self.run_dir = str(run_dir)
         self.stream = stream or sys.stdout
         self.checker = AlarmChecker(alarm_config or AlarmConfig.from_run_config(config))
+        self.total_epochs = _total_epochs(config)
         self.alarms_uri = storage.join(self.run_dir, ALARMS)
         self.logged: list[dict] = []
         self._resume()
@@ -94,7 +99,7 @@ class EpochSink:
 
     def on_epoch(self, record: dict) -> list[str]:
         active = self.checker.check(record)
-        self._emit(summary_line(record))
+        self._emit(summary_line(record, self.total_epochs))
         raised = {(a.get("kind"), a.get("task")) for a in self.logged}
         for alarm in active:
             if alarm.key not in raised:
@@ -142,6 +147,14 @@ class EpochSink:
         if self.mlflow is not None:
             self.mlflow.close()
             self.mlflow = None
+
+
+def _total_epochs(config) -> int | None:
+    """train.epochs of a run config (a TrainConfig or its dict), for `epoch 3/20`."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    epochs = ((config or {}).get("train") or {}).get("epochs")
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def _tensorboard(run_dir: str):
@@ -208,7 +221,8 @@ class _PlainProgress:
     """Non-TTY progress: a line at each quarter of the epoch (readable in logs and CI)."""
 
     def __init__(self, total: int, epoch: int, stream: IO[str]):
-        self.total, self.epoch, self.stream, self.done, self.next_mark = total, epoch, stream, 0, 1
+        self.total, self.stream, self.done, self.next_mark = total, stream, 0, 1
+        self.epoch = shown_epoch(epoch)
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -229,7 +243,8 @@ class _RichProgress:
 @contextlib.contextmanager
 def epoch_progress(total_batches: int, epoch: int, stream: IO[str] | None = None) -> Iterator:
     """`with epoch_progress(len(loader), epoch) as bar: ... bar.advance()`: a rich bar when the
-    stream (stderr by default) is a terminal, plain quarter-epoch lines otherwise."""
+    stream (stderr by default) is a terminal, plain quarter-epoch lines otherwise. `epoch` is
+    the record's (from 0); the bar shows it from 1."""
     stream = stream or sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
         yield _PlainProgress(total_batches, epoch, stream)
@@ -237,6 +252,6 @@ def epoch_progress(total_batches: int, epoch: int, stream: IO[str] | None = None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeRemainingColumn
-    with Progress(TextColumn(f"epoch {epoch}"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn(f"epoch {shown_epoch(epoch)}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=Console(file=stream), transient=False) as progress:
         yield _RichProgress(progress, progress.add_task("train", total=total_batches))

@@ -65,11 +65,14 @@ def fmt(value, digits: int = 4) -> str:
     return esc(value)
 
 
-def table(header: list[str], rows: list[list], left_cols: int = 1) -> str:
+def table(header: list[str] | None, rows: list[list], left_cols: int = 1) -> str:
+    """A table; `header` None for a key/value table that has no column names (an empty header
+    row would show as a blank grey bar)."""
     def cell(tag, i, v):
         cls = ' class="l"' if i < left_cols else ""
         return f"<{tag}{cls}>{v}</{tag}>"
-    head = "".join(cell("th", i, esc(h)) for i, h in enumerate(header))
+    head = "" if header is None else \
+        "<tr>" + "".join(cell("th", i, esc(h)) for i, h in enumerate(header)) + "</tr>"
     body = "".join("<tr>" + "".join(cell("td", i, v if isinstance(v, Raw) else fmt(v))
                                     for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"

@@ -3,7 +3,8 @@
 Figures are built with `matplotlib.figure.Figure` and the Agg canvas directly (no pyplot): no
 global state, no display needed, safe in a Ray worker. Every function takes the run's records
 (and predictions) and returns PNG bytes, or None when the run holds nothing to draw; the caller
-says what was missing.
+says what was missing. The epochs passed in are the records' (from 0); the axes show them from 1,
+with a tick on whole epochs only.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import math
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from pipeline.report.run import has_series, series
+from pipeline.report.run import has_series, series, shown_epoch
 
 TASK_COLORS = {"type": "#1f77b4", "pointer": "#ff7f0e", "span": "#2ca02c", "countdown": "#d62728"}
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
@@ -48,14 +50,21 @@ def _log_if_positive(ax, values: list[float]) -> None:
         ax.set_yscale("log")
 
 
+def _x(epochs) -> list[int]:
+    """Record epochs (from 0) as the axis shows them (from 1)."""
+    return [shown_epoch(e) for e in epochs]
+
+
 def _mark_best(ax, best_epoch: int | None) -> None:
     if best_epoch is not None:
-        ax.axvline(best_epoch, color="#444", linestyle=":", linewidth=1.2, label="best epoch")
+        ax.axvline(shown_epoch(best_epoch), color="#444", linestyle=":", linewidth=1.2,
+                   label="best epoch")
 
 
 def _finish(ax, title: str, ylabel: str = "", legend: bool = True) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("epoch", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks at quarter epochs
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(True, alpha=0.3)
@@ -74,7 +83,7 @@ def loss_curves(records, epochs, tasks, best_epoch=None) -> bytes | None:
         for t in tasks:
             ys = series(records, f"{split}.{t}")
             values += ys
-            ax.plot(epochs, ys, marker=".", color=task_color(t), label=t)
+            ax.plot(_x(epochs), ys, marker=".", color=task_color(t), label=t)
         _log_if_positive(ax, values)
         _mark_best(ax, best_epoch)
         _finish(ax, f"{split} loss per task (per element)", "loss")
@@ -94,7 +103,7 @@ def weight_curves(records, epochs, tasks) -> bytes | None:
         for t in tasks:
             ys = series(records, f"{key}.{t}")
             values += ys
-            ax.plot(epochs, ys, marker=".", color=task_color(t), label=t)
+            ax.plot(_x(epochs), ys, marker=".", color=task_color(t), label=t)
         if key == "weights":
             _log_if_positive(ax, values)
         _finish(ax, label, key)
@@ -110,18 +119,18 @@ def gradient_curves(records, epochs, tasks, starve_share: float) -> bytes | None
     for t in tasks:
         ys = series(records, f"grad_norm.{t}")
         values += ys
-        axes[0].plot(epochs, ys, marker=".", color=task_color(t), label=t)
+        axes[0].plot(_x(epochs), ys, marker=".", color=task_color(t), label=t)
     _log_if_positive(axes[0], values)
     _finish(axes[0], "gradient norm on the shared encoder", "norm")
     for t in tasks:
-        axes[1].plot(epochs, series(records, f"grad_share.{t}"), marker=".",
+        axes[1].plot(_x(epochs), series(records, f"grad_share.{t}"), marker=".",
                      color=task_color(t), label=t)
     axes[1].axhline(starve_share, color="#b00", linestyle="--", linewidth=1.2,
                     label=f"starving < {starve_share:g}")
     axes[1].set_ylim(0, 1)
     _finish(axes[1], "gradient share per task", "share")
     ratio = series(records, "grad_ratio_countdown_pointer")
-    axes[2].plot(epochs, ratio, marker=".", color="#555", label="countdown / pointer")
+    axes[2].plot(_x(epochs), ratio, marker=".", color="#555", label="countdown / pointer")
     axes[2].axhline(1.0, color="#2a2", linestyle="--", linewidth=1, label="balanced (1.0)")
     _log_if_positive(axes[2], ratio + [1.0])
     _finish(axes[2], "countdown / pointer gradient ratio", "ratio")
@@ -155,7 +164,7 @@ def metric_curves(records, epochs, best_epoch=None) -> bytes | None:
     for ax, (title, metrics, refs) in zip(axes, panels):
         for path, label in metrics:
             if has_series(records, path):
-                ax.plot(epochs, series(records, path), marker=".", label=label)
+                ax.plot(_x(epochs), series(records, path), marker=".", label=label)
         for y, label in refs:
             ax.axhline(y, color="#999", linestyle="--", linewidth=0.8, label=label)
         _mark_best(ax, best_epoch)
@@ -169,9 +178,9 @@ def throughput_curves(records, epochs) -> bytes | None:
     if not (has_series(records, "samples_per_s") or has_series(records, "epoch_time_s")):
         return None
     fig, axes = _figure(2)
-    axes[0].plot(epochs, series(records, "samples_per_s"), marker=".", color="#1f77b4")
+    axes[0].plot(_x(epochs), series(records, "samples_per_s"), marker=".", color="#1f77b4")
     _finish(axes[0], "training throughput", "samples/s", legend=False)
-    axes[1].plot(epochs, series(records, "epoch_time_s"), marker=".", color="#ff7f0e")
+    axes[1].plot(_x(epochs), series(records, "epoch_time_s"), marker=".", color="#ff7f0e")
     _finish(axes[1], "epoch time (train)", "seconds", legend=False)
     return to_png(fig)
 
@@ -210,7 +219,8 @@ def span_histogram(pred: dict, epoch) -> bytes | None:
     ax.hist(prob[in_span], bins=bins, density=True, alpha=0.55, color="#2ca02c",
             label=f"in-span bars (n={int(in_span.sum())})")
     ax.axvline(0.5, color="#b00", linestyle="--", linewidth=1, label="threshold 0.5")
-    ax.set_title(f"span probability at the best epoch ({epoch})", fontsize=10)
+    shown = "" if epoch is None else f" ({shown_epoch(epoch)})"
+    ax.set_title(f"span probability at the best epoch{shown}", fontsize=10)
     ax.set_xlabel("p(in span)", fontsize=9)
     ax.set_ylabel("density", fontsize=9)
     ax.legend(fontsize=7)
@@ -304,7 +314,7 @@ def overlay_curves(runs, panels: list[tuple[str, str]]) -> bytes | None:
         for i, run in enumerate(runs):
             ys = series(run.records, path)
             values += ys
-            ax.plot(run.epochs, ys, marker=".", color=RUN_COLORS[i % len(RUN_COLORS)],
+            ax.plot(_x(run.epochs), ys, marker=".", color=RUN_COLORS[i % len(RUN_COLORS)],
                     label=run_label(run, i))
         if path.startswith(("train.", "val.", "grad_norm.")) or path == "val_loss":
             _log_if_positive(ax, values)

@@ -123,6 +123,49 @@ def has_series(records: list[dict], path: str) -> bool:
     return any(number(lookup(r, path)) is not None for r in records)
 
 
+def shown_epoch(epoch) -> int:
+    """The epoch as a person reads it: records count epochs from 0 (`metrics.jsonl` `epoch`,
+    `alarms.jsonl`), everything printed or drawn counts from 1, like the progress bar and the
+    checkpoint names."""
+    return int(epoch) + 1
+
+
+def epochs_text(n: int) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+@dataclass
+class Progress:
+    epochs_done: int        # records in metrics.jsonl
+    last_epoch: int | None  # 0-based `epoch` of the newest record
+    total: int | None       # train.epochs of the run's config.yaml
+
+    def __str__(self) -> str:
+        if self.last_epoch is None:
+            return "no epoch finished yet" + (f" (of {self.total})" if self.total else "")
+        total = f" of {self.total}" if self.total else ""
+        return f"epoch {shown_epoch(self.last_epoch)}{total} done"
+
+
+def run_progress(uri: str) -> Progress | None:
+    """How far the run in `uri` has got, from its metrics.jsonl and config.yaml; None when the
+    run directory cannot be read from here (a path only the cluster sees, no credentials)."""
+    try:
+        if not storage.exists(uri):
+            return None
+        metrics_uri = storage.join(uri, METRICS)
+        records = _read_metrics(metrics_uri)[0] if storage.exists(metrics_uri) else []
+        config_uri = storage.join(uri, CONFIG)
+        config = yaml.safe_load(storage.read_text(config_uri)) if storage.exists(config_uri) else {}
+    except (UserError, yaml.YAMLError):
+        return None
+    total = ((config or {}).get("train") or {}).get("epochs")
+    last = records[-1].get("epoch", len(records) - 1) if records else None
+    return Progress(len(records), None if last is None else int(last),
+                    int(total) if isinstance(total, int) else None)
+
+
 def load_run(uri: str) -> Run:
     """Read RUN's metrics, config, manifest, predictions and logged alarms."""
     uri = str(uri).rstrip("/") or str(uri)
