@@ -45,12 +45,18 @@ def _dir(stack_dir) -> Path:
 
 
 def _print_env(stack_dir: Path, state: dict) -> None:
-    from pipeline.deploy.local_stack import env_for
+    """The exports on stdout (for eval), then how to use and stop the stack; open ports loudly
+    on stderr."""
+    from pipeline.deploy.local_stack import command, env_for
 
     for key, value in env_for(stack_dir, state).items():
         click.echo(f"export {key}={shlex.quote(value)}")
     click.echo(f"# train on it:  moola-pipeline train --address {state['ray_address']} ...")
-    click.echo(f"# submit to it: moola-pipeline submit --address {state['dashboard_url']} -- ...")
+    click.echo("# submit to it: moola-pipeline submit -- ...   (RAY_ADDRESS is its job server)")
+    click.echo(f"# stop it:      {command(stack_dir, 'down')}   (--wipe also deletes the S3 data)")
+    for listener in state.get("exposed", []):
+        click.secho(f"WARNING: not on loopback, reachable from other machines: {listener}",
+                    fg="red", bold=True, err=True)
 
 
 @stack.command("up")
@@ -59,12 +65,13 @@ def _print_env(stack_dir: Path, state: dict) -> None:
 @stack_dir_option
 def stack_up(num_cpus, stack_dir):
     """Start the stack in the background and print the environment to export
-    (eval "$(moola-pipeline stack up)")."""
+    (eval "$(moola-pipeline stack up)"), RAY_ADDRESS included; the S3 data of an earlier
+    session is served again."""
     from pipeline.deploy.local_stack import start
 
     d = _dir(stack_dir)
     state = start(d, num_cpus)
-    click.echo(f"# local stack running (state in {d}); stop it with: moola-pipeline stack down", err=True)
+    click.echo(f"# local stack running (state in {d})", err=True)
     _print_env(d, state)
 
 
@@ -72,21 +79,27 @@ def stack_up(num_cpus, stack_dir):
 @stack_dir_option
 def stack_env(stack_dir):
     """Print the variables to export for the running stack."""
-    from pipeline.deploy.local_stack import read_state
+    from pipeline.deploy.local_stack import command, read_state
     from pipeline.errors import UserError
 
     d = _dir(stack_dir)
     state = read_state(d)
     if not state:
-        raise UserError(f"no local stack is running from {d}", hint="start one: moola-pipeline stack up")
+        raise UserError(f"no local stack is running from {d}",
+                        hint=f"start one: {command(d, 'up')}")
     _print_env(d, state)
 
 
 @stack.command("down")
+@click.option("--wipe", is_flag=True,
+              help="Also delete the stack's S3 data, keys and logs (kept by default).")
 @stack_dir_option
-def stack_down(stack_dir):
-    """Stop the stack's Ray head and SeaweedFS server."""
+def stack_down(wipe, stack_dir):
+    """Stop the stack (S3 data kept unless --wipe)."""
     from pipeline.deploy.local_stack import stop
 
     d = _dir(stack_dir)
-    click.echo("local stack stopped" if stop(d) else f"no local stack was running from {d}")
+    was_running = stop(d, wipe=wipe)
+    click.echo("local stack stopped" if was_running else f"no local stack was running from {d}")
+    if wipe:
+        click.echo(f"deleted the stack's data and state in {d}")

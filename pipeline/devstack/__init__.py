@@ -1,4 +1,5 @@
-"""Local development services (a SeaweedFS S3 server on loopback) for tests and the local stack."""
+"""Local development services, a SeaweedFS S3 server and a token-auth Ray head, for the tests and
+the local stack (`moola-pipeline stack`)."""
 
 from pipeline.devstack.seaweed import SeaweedServer, start_seaweed
 

@@ -18,7 +18,14 @@ left after a grace period.
 
 Ray resolves a loopback `--node-ip-address` to the machine's address (services.py
 `resolve_ip_for_localhost`), so the GCS address is `<node ip>:<port>`; the dashboard host is
-honoured and stays on 127.0.0.1.
+honoured and stays on 127.0.0.1. The GCS, raylet, agents, metrics and workers then listen on all
+interfaces or on that address. `start_ray_head(loopback=True)` (the local stack) keeps every port
+on 127.0.0.1: Ray on Linux has no bind-address option, but with
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (ray_constants.ENABLE_RAY_CLUSTER off) its node address
+*is* 127.0.0.1 (services.get_node_ip_address returns the loopback address, as on a laptop), and
+every Ray server binds the node address. The price: no other node can join such a head, and a
+driver must carry the same variable (it is in `env()`), or it rewrites 127.0.0.1 to the
+machine's address and cannot reach the GCS.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from pipeline.errors import UserError
 STARTUP_TIMEOUT_S = 120.0
 STOP_GRACE_S = 2.0  # gcs_server, raylet and the monitor ignore SIGTERM here; tests flush nothing
 CLUSTER_ID_VAR = "MOOLA_RAY_CLUSTER_ID"
+# Ray's switch (ray/_private/ray_constants.py) that, off, makes 127.0.0.1 the node address.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 OBJECT_STORE_BYTES = 256 * 1024**2  # tests move checkpoints through files, not the object store
 
 
@@ -79,6 +88,7 @@ class RayHead:
     num_cpus: int
     client_port: int
     cluster_id: str = ""  # MOOLA_RAY_CLUSTER_ID in the environment of the cluster's processes
+    loopback: bool = False  # every port on 127.0.0.1 (see the module docstring)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -86,10 +96,12 @@ class RayHead:
         return self.gcs_address
 
     def env(self) -> dict[str, str]:
-        """Variables a subprocess needs to talk to this cluster (token auth on, the token).
+        """Variables a subprocess needs to talk to this cluster (token auth on, the token; for a
+        loopback head, the switch that lets a driver reach 127.0.0.1).
 
         No RAY_ADDRESS: connecting is always explicit (`--address`), see DESIGN.md."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                **(LOOPBACK_ENV if self.loopback else {})}
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -184,13 +196,17 @@ def _wait_gone(procs: list, timeout_s: float) -> list:
 
 def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str | Path | None = None,
                    extra_env: dict[str, str] | None = None, node_ip_address: str | None = None,
-                   timeout_s: float = STARTUP_TIMEOUT_S) -> RayHead:
-    """Start a token-auth Ray head on free ports; returns when its job server answers."""
+                   loopback: bool = False, timeout_s: float = STARTUP_TIMEOUT_S) -> RayHead:
+    """Start a token-auth Ray head on free ports; returns when its job server answers.
+    `loopback=True`: every port on 127.0.0.1, and no other node can join."""
+    if loopback and node_ip_address not in (None, "127.0.0.1"):
+        raise ValueError(f"loopback=True and node_ip_address={node_ip_address!r} contradict")
     token = token or secrets.token_hex(24)
     # short path: Ray's unix socket paths live under it and are limited to 107 bytes
     temp_dir = Path(temp_dir) if temp_dir else Path(tempfile.mkdtemp(prefix="mray-", dir="/tmp"))
     temp_dir.mkdir(parents=True, exist_ok=True)
-    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
+    (gcs_port, dashboard_port, client_port, agent_port, metrics_port, autoscaler_metrics_port,
+     dashboard_metrics_port) = free_ports(7)
 
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
@@ -202,6 +218,10 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
         "RAY_USAGE_STATS_ENABLED": "0",
         # job entrypoints run `python`/`moola-pipeline` from PATH: make it this environment's
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        # fixed by default (44217, 44227), so a second cluster on this machine would clash
+        "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics_port),
+        "DASHBOARD_METRIC_PORT": str(dashboard_metrics_port),
+        **(LOOPBACK_ENV if loopback else {}),
     })
     env.update(extra_env or {})
     cmd = [
@@ -211,20 +231,21 @@ def start_ray_head(num_cpus: int = 4, *, token: str | None = None, temp_dir: str
         "--include-dashboard", "true",
         "--ray-client-server-port", str(client_port),
         "--dashboard-agent-listen-port", str(agent_port),
+        "--metrics-export-port", str(metrics_port),
         "--num-cpus", str(num_cpus), "--num-gpus", "0",
         "--object-store-memory", str(OBJECT_STORE_BYTES),
         "--temp-dir", str(temp_dir),
         "--disable-usage-stats",
     ]
-    if node_ip_address:
-        cmd += ["--node-ip-address", node_ip_address]
+    if node_ip_address or loopback:
+        cmd += ["--node-ip-address", node_ip_address or "127.0.0.1"]
     log_path = temp_dir / "ray-start.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     head = RayHead(gcs_address="", dashboard_url=f"http://127.0.0.1:{dashboard_port}", token=token,
                    temp_dir=temp_dir, num_cpus=num_cpus, client_port=client_port,
-                   cluster_id=cluster_id)
+                   cluster_id=cluster_id, loopback=loopback)
     atexit.register(head.stop)  # a crashed test session still leaves no cluster behind
     try:
         rc = proc.wait(timeout=timeout_s)

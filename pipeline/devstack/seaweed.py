@@ -2,12 +2,15 @@
 
 `start_seaweed(workdir)` runs `weed server -s3` (master, volume, filer and S3 gateway in one
 process) on free loopback ports, with one access key pair written to an S3 identity config JSON,
-and waits until the S3 gateway answers an authenticated request. `SeaweedServer.stop()` sends
+and waits until the S3 gateway answers an authenticated request (`launch_seaweed` +
+`server.wait_ready()` split the two, to start something else meanwhile). `SeaweedServer.stop()` sends
 SIGTERM to the process group and escalates to SIGKILL, so no `weed` outlives its owner.
 
 The keys are random per server and only ever handed out through `server.env()` (for
 subprocesses) or attributes; they live in the server's private config file under `workdir`,
-which is the one place a SeaweedFS server can read them from.
+which is the one place a SeaweedFS server can read them from. A server started again on the
+same `workdir` serves the same data (on new ports) and, given `read_s3_keys(workdir)`, the same
+keys.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 STARTUP_TIMEOUT_S = 60.0
+S3_CONFIG = "s3-config.json"
+PROBE_BUCKET = "moola-ready-probe"
 STOP_GRACE_S = 1.5  # weed is slow to stop on SIGTERM; test data needs no flush, so do not wait long
 
 
@@ -98,11 +103,19 @@ class SeaweedServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self) -> None:
-        """SIGTERM the server's process group, then SIGKILL if it has not exited in time."""
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Return once the S3 gateway serves an authenticated round trip; stop it on failure."""
+        try:
+            _wait_ready(self, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM the server's process group, then SIGKILL if it has not exited in grace_s."""
         if self.process.poll() is not None:
             return
-        for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, STOP_GRACE_S)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
@@ -131,14 +144,36 @@ def write_s3_config(path: Path, access_key: str, secret_key: str) -> None:
     path.chmod(0o600)
 
 
+def read_s3_keys(workdir: str | os.PathLike) -> tuple[str, str] | None:
+    """(access key, secret key) from the identity config a server in `workdir` used, if any."""
+    path = Path(workdir) / S3_CONFIG
+    try:
+        creds = json.loads(path.read_text())["identities"][0]["credentials"][0]
+        return creds["accessKey"], creds["secretKey"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UserError(f"{path}: not a SeaweedFS identity config ({exc!r}); delete it to get "
+                        "new keys") from None
+
+
 def start_seaweed(workdir: str | os.PathLike, access_key: str | None = None,
                   secret_key: str | None = None, timeout_s: float = STARTUP_TIMEOUT_S) -> SeaweedServer:
     """Start `weed server -s3` on free loopback ports with data under `workdir`; wait until ready."""
+    server = launch_seaweed(workdir, access_key, secret_key)
+    server.wait_ready(timeout_s)
+    return server
+
+
+def launch_seaweed(workdir: str | os.PathLike, access_key: str | None = None,
+                   secret_key: str | None = None) -> SeaweedServer:
+    """Start `weed server -s3` and return at once (its endpoint and keys are already known), so
+    a caller can start other things meanwhile; then `server.wait_ready()`."""
     workdir = Path(workdir)
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     access_key = access_key or "moola" + secrets.token_hex(6)
     secret_key = secret_key or secrets.token_hex(20)
-    config_path = workdir / "s3-config.json"
+    config_path = workdir / S3_CONFIG
     write_s3_config(config_path, access_key, secret_key)
 
     (master, master_grpc, volume, volume_grpc, filer, filer_grpc,
@@ -160,33 +195,41 @@ def start_seaweed(workdir: str | os.PathLike, access_key: str | None = None,
                             cwd=str(workdir), start_new_session=True,
                             preexec_fn=_die_with_parent)
     log.close()
-    server = SeaweedServer(proc, f"http://127.0.0.1:{s3}", access_key, secret_key, workdir,
-                           log_path=log_path)
-    try:
-        _wait_ready(server, timeout_s)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return SeaweedServer(proc, f"http://127.0.0.1:{s3}", access_key, secret_key, workdir,
+                         log_path=log_path)
 
 
 def _wait_ready(server: SeaweedServer, timeout_s: float) -> None:
-    """Ready = an authenticated bucket create + put + get round trip succeeds."""
+    """Ready = an authenticated bucket create + put + get round trip succeeds. The probe bucket
+    may be left from an earlier server on the same data (one killed mid-probe): that is not a
+    failure, and it is deleted again so the user's bucket list stays theirs."""
     client = server.boto3_client()
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
-    probe = "moola-ready-probe"
     while time.monotonic() < deadline:
         if not server.alive():
             tail = server.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"weed server exited with {server.process.returncode}:\n{tail}")
+            raise RuntimeError(f"weed server exited with {server.process.returncode} "
+                               f"(log {server.log_path}):\n{tail}")
         try:
-            client.create_bucket(Bucket=probe)
-            client.put_object(Bucket=probe, Key="ping", Body=b"ok")
-            if client.get_object(Bucket=probe, Key="ping")["Body"].read() == b"ok":
-                client.delete_object(Bucket=probe, Key="ping")
+            _create_bucket_if_missing(client, PROBE_BUCKET)
+            client.put_object(Bucket=PROBE_BUCKET, Key="ping", Body=b"ok")
+            if client.get_object(Bucket=PROBE_BUCKET, Key="ping")["Body"].read() == b"ok":
+                client.delete_object(Bucket=PROBE_BUCKET, Key="ping")
+                client.delete_bucket(Bucket=PROBE_BUCKET)
                 return
         except Exception as exc:  # not up yet: connection refused, no volumes yet, ...
             last_error = exc
         time.sleep(0.3)
     raise RuntimeError(f"SeaweedFS S3 not ready after {timeout_s:.0f}s: {last_error}")
+
+
+def _create_bucket_if_missing(client, bucket: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.create_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",
+                                                              "BucketAlreadyExists"):
+            raise
