@@ -119,6 +119,10 @@ class AlarmsSection:
     logvar_epochs: int = 2
     plateau_epochs: int = 5
     plateau_min_delta: float = 0.01
+    collapse_type_share: float = 0.95
+    collapse_span_separation: float = 0.01
+    collapse_after_epochs: int = 2
+    collapse_pointer_bars: float = 1.0
 
 
 @dataclass

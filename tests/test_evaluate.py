@@ -38,7 +38,6 @@ def run(tmp_path_factory):
     proc = run_cli("data", "shard", "--in", tmp / "w", "--out", tmp / "s", "--test-fraction", "0.2")
     assert proc.returncode == 0, proc.stderr
     out = _train(tmp, str(tmp / "s"))
-    threshold_from_predictions(str(out))  # what the end of training stores (also tested below)
     return out, str(tmp / "s")
 
 
@@ -81,7 +80,8 @@ def test_the_interval_is_deterministic_by_seed(run, tmp_path):
 
 def test_the_threshold_chosen_on_val_is_applied_unchanged_on_test(run, tmp_path):
     out, data = run
-    stored = read_threshold(str(out))["span_threshold"]
+    stored = read_threshold(str(out))["span_threshold"]  # written by training, at its best epoch
+    assert threshold_from_predictions(str(out)) == stored
     preds = np.load(out / "best_val_predictions.npz")
     assert stored == choose_threshold(preds["span_prob"], preds)
     result = evaluate_run(str(out), bootstrap=0, out=str(tmp_path / "t.json"))

@@ -43,7 +43,15 @@ def _summary(ws, out: str, extra: str = "") -> None:
 @click.option("--bars-out", default=None, metavar="FILE",
               help="Also write the bar series to this .csv or .parquet file, and labels.csv beside it "
                    "(input for `data ingest --format bars`).")
-def synth(out: str, n_windows: int, seed: int, bars_out: str | None) -> None:
+@click.option("--retracement-fraction", type=click.FloatRange(0, 1), default=0.45,
+              show_default=True, metavar="F",
+              help="Share of retracement windows (moola: 0.45; other markets can be far more "
+                   "imbalanced, e.g. 0.15).")
+@click.option("--expansion-median", type=click.FloatRange(1, 40), default=5.3, show_default=True,
+              metavar="BARS",
+              help="Median expansion length (5.3: ~7% of bars in span, as in moola; 2: ~3%).")
+def synth(out: str, n_windows: int, seed: int, bars_out: str | None,
+          retracement_fraction: float = 0.45, expansion_median: float = 5.3) -> None:
     """Generate a learnable synthetic data set that looks like moola's labeled NQ windows."""
     from pipeline import storage
     from pipeline.data import schema, synth as synth_lib
@@ -51,9 +59,10 @@ def synth(out: str, n_windows: int, seed: int, bars_out: str | None) -> None:
     bars_kind = _bars_kind(bars_out) if bars_out else None
     if bars_out and storage.basename(bars_out) == "labels.csv":
         raise UserError(f"--bars-out {bars_out}: labels.csv is where the labels go; pick another name")
-    syn = synth_lib.synthesize(n_windows, seed)
-    schema.write_dataset(out, syn.windows, source={"generator": "synth", "windows": n_windows},
-                         seed=seed)
+    syn = synth_lib.synthesize(n_windows, seed, retracement_fraction, expansion_median)
+    schema.write_dataset(out, syn.windows, source={
+        "generator": "synth", "windows": n_windows, "retracement_fraction": retracement_fraction,
+        "expansion_median": expansion_median}, seed=seed)
     if bars_out:
         labels_uri = storage.join(storage.parent(bars_out), "labels.csv")
         _write_bars_file(bars_out, bars_kind, syn.windows.bars)

@@ -28,6 +28,8 @@ def evaluate(run, split, checkpoint, bootstrap, seed, out):
                           seed=seed, out=out)
     click.echo(render_table(result))
     click.echo(f"written: {result['written_to']}")
+    from pipeline.report.html import write_report
+    click.echo(f"report: {write_report(run)}")
 
 
 def _fmt(entry: dict | None) -> str:

@@ -217,11 +217,15 @@ def write_shard_set(out_uri: str, feature_names: list[str], chunks, *, extra: di
     """
     import datetime
 
+    from pipeline.data.label_counts import count_chunks
+
     prepare_output(out_uri)
     schema = shard_schema(feature_names)
     writers: dict[str, SplitWriter] = {}
+    counts: dict = {}
     try:
         for split, columns in chunks:
+            count_chunks(counts, split, columns)
             # Only the writes become "OUT: no space left on device" (or S3 down): an error of
             # the input iterator is the input's, and stays as it is.
             with storage.user_errors(out_uri):
@@ -240,6 +244,8 @@ def write_shard_set(out_uri: str, feature_names: list[str], chunks, *, extra: di
         "dtype": "float32", "shards": shards,
         "splits": {split: sum(s["rows"] for s in shards if s["split"] == split)
                    for split in sorted(writers)},
+        # per split: labeled windows, classes, span positives/negatives (auto loss weights)
+        "label_counts": {split: counts[split].to_dict() for split in sorted(counts)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data import schema
+from pipeline.errors import UserError
 
 TICK = 0.25
 BASE_VOL = 0.00035          # log-return sd per 1-minute bar in normal trading
@@ -54,9 +55,13 @@ class Synthetic:
     expansion: np.ndarray       # int [n, 2] start, end inside the window
 
 
-def expansion_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Lengths 1..40: lognormal with median 5 and mean about 7 (moola-domain.md 1.4)."""
-    return np.clip(np.round(rng.lognormal(np.log(5.3), 0.85, size=n)), 1, 40).astype(np.int64)
+EXPANSION_MEDIAN = 5.3     # bars: about 7% of bars in span, as in moola's labels
+
+
+def expansion_lengths(rng: np.random.Generator, n: int, median: float = EXPANSION_MEDIAN) -> np.ndarray:
+    """Lengths 1..40: lognormal with median 5 and mean about 7 (moola-domain.md 1.4) by
+    default; a smaller `median` gives the short expansions of other markets (median 2: ~3%)."""
+    return np.clip(np.round(rng.lognormal(np.log(median), 0.85, size=n)), 1, 40).astype(np.int64)
 
 
 def _range_path(rng, m: int, vol: float) -> np.ndarray:
@@ -66,11 +71,21 @@ def _range_path(rng, m: int, vol: float) -> np.ndarray:
     return level - level[0]
 
 
-def synthesize(n_windows: int, seed: int) -> Synthetic:
+def synthesize(n_windows: int, seed: int, retracement_fraction: float = P_RETRACEMENT,
+               expansion_median: float = EXPANSION_MEDIAN) -> Synthetic:
+    """`retracement_fraction` (0.45 as in moola; real markets may be far more imbalanced, e.g.
+    0.15) and `expansion_median` (bars; 5.3 gives ~7% of bars in span, 2 gives ~3%) make the
+    realistic imbalanced sets the defaults must also work on. The defaults draw the same bytes
+    as before these options existed."""
+    if not 0.0 <= retracement_fraction <= 1.0:
+        raise UserError(f"--retracement-fraction {retracement_fraction}: must be in [0, 1]")
+    if not 1.0 <= expansion_median <= 40.0:
+        raise UserError(f"--expansion-median {expansion_median}: must be in [1, 40] bars")
     rng = np.random.default_rng(seed)
-    labels = (rng.random(n_windows) < P_RETRACEMENT).astype(np.int64)
+    labels = (rng.random(n_windows) < retracement_fraction).astype(np.int64)
     exp_start = rng.integers(0, 102, size=n_windows)
-    exp_len = np.minimum(expansion_lengths(rng, n_windows), schema.WINDOW - exp_start)
+    exp_len = np.minimum(expansion_lengths(rng, n_windows, expansion_median),
+                         schema.WINDOW - exp_start)
     exp_end = exp_start + exp_len - 1
     direction = np.where(rng.random(n_windows) < 0.5, -1.0, 1.0)
 

@@ -26,6 +26,11 @@ class MultiTaskModel(nn.Module):
         self.model = model
         self.weighting = weighting
         self.loss_cfg = loss_cfg or LossConfig()
+        # the type loss's class weights as a buffer: on the module's device, made once (a
+        # captured step must not build tensors from Python values); not in the state_dict
+        weight = self.loss_cfg.type_class_weight
+        self.register_buffer("type_class_weight", None if weight in (None, "auto")
+                             else torch.tensor(weight, dtype=torch.float32), persistent=False)
 
     @classmethod
     def build(cls, model_cfg: JadeConfig | None = None, loss_cfg: LossConfig | None = None) -> "MultiTaskModel":
@@ -56,7 +61,8 @@ class MultiTaskModel(nn.Module):
         """(total, per-task losses, outputs). `outputs[LOSS_STATS]`: this rank's element sums
         and counts per task (float64 [2, T], `self.tasks` order), for exact epoch means."""
         outputs = self.model(batch["features"])
-        losses, stats, present = reduced_losses(outputs, batch, self.loss_cfg, self.tasks)
+        losses, stats, present = reduced_losses(outputs, batch, self.loss_cfg, self.tasks,
+                                                self.type_class_weight)
         total = self.weighting(losses, dict(zip(self.tasks, present)))
         outputs[LOSS_STATS] = stats
         return total, losses, outputs

@@ -11,7 +11,12 @@ the epoch it becomes visible:
   `logvar_limit` (a weight of e^6 ~ 400x or 1/400x means that task owns or has left the loss);
 - plateau: a task's val loss has not improved for `plateau_epochs` epochs while another task's
   has, i.e. the others are learning and this one is not;
-- non-finite: NaN or inf in any train or val loss.
+- non-finite: NaN or inf in any train or val loss;
+- collapsed: a head's val predictions do not depend on the input (the old runs' type head
+  predicting one class, span head at the base rate, pointer at the window center): type gives
+  one class to >= `collapse_type_share` of the val windows; span probability separation stays
+  below `collapse_span_separation` once `collapse_after_epochs` epochs are done; the predicted
+  pointer center and length vary by less than `collapse_pointer_bars` across windows.
 
 `Alarm.epoch` counts from 0, like the records (alarms.jsonl is a machine record); the messages
 count epochs from 1, like everything else a person reads.
@@ -38,6 +43,10 @@ class AlarmConfig:
     logvar_epochs: int = 2
     plateau_epochs: int = 5
     plateau_min_delta: float = 0.01  # relative improvement that counts (1%: not noise)
+    collapse_type_share: float = 0.95      # one class for at least this share of val windows
+    collapse_span_separation: float = 0.01  # mean p in-span minus out-of-span below this ...
+    collapse_after_epochs: int = 2          # ... once this many epochs are done
+    collapse_pointer_bars: float = 1.0      # predicted center and length vary less (std, bars)
 
     @classmethod
     def from_run_config(cls, config: dict | None, **overrides) -> "AlarmConfig":
@@ -59,7 +68,7 @@ class AlarmConfig:
 
 @dataclass
 class Alarm:
-    kind: str      # starving | logvar_bound | plateau | nonfinite
+    kind: str      # starving | logvar_bound | plateau | nonfinite | collapsed
     task: str
     epoch: int
     message: str
@@ -84,8 +93,32 @@ class AlarmChecker:
         """Add one epoch's record; return every alarm active at this epoch."""
         self.history.append(record)
         epoch = int(record.get("epoch", len(self.history) - 1))
-        return (self._nonfinite(record, epoch) + self._starving(record, epoch)
-                + self._logvar(record, epoch) + self._plateau(record, epoch))
+        return (self._nonfinite(record, epoch) + self._collapsed(record, epoch)
+                + self._starving(record, epoch) + self._logvar(record, epoch)
+                + self._plateau(record, epoch))
+
+    def _collapsed(self, record: dict, epoch: int) -> list[Alarm]:
+        c, out, when = self.config, [], f"(epoch {shown_epoch(epoch)})"
+        share = number((record.get("type") or {}).get("top_class_share"))
+        if share is not None and share >= c.collapse_type_share:
+            out.append(Alarm("collapsed", "type", epoch,
+                             f"type collapsed: one class for {share:.0%} of val windows {when}; "
+                             f"its predictions do not depend on the input (try "
+                             f"loss.type_class_weight: auto)"))
+        sep = number((record.get("span") or {}).get("prob_separation"))
+        if sep is not None and sep < c.collapse_span_separation and epoch + 1 >= c.collapse_after_epochs:
+            out.append(Alarm("collapsed", "span", epoch,
+                             f"span collapsed: probability separation {sep:.3g} < "
+                             f"{c.collapse_span_separation:g} {when}: in-span and other bars get "
+                             f"the same probability (try loss.span_pos_weight: auto)"))
+        pointer = record.get("pointer") or {}
+        spread = [number(pointer.get(k)) for k in ("center_std_bars", "length_std_bars")]
+        if all(v is not None for v in spread) and max(spread) < c.collapse_pointer_bars:
+            out.append(Alarm("collapsed", "pointer", epoch,
+                             f"pointer collapsed: predicted center and length vary by "
+                             f"{max(spread):.2g} bars across val windows {when}: one answer for "
+                             f"every window"))
+        return out
 
     def _nonfinite(self, record: dict, epoch: int) -> list[Alarm]:
         out = []
@@ -187,7 +220,10 @@ def describe_thresholds(config: AlarmConfig) -> str:
             f"{epochs_text(config.starve_checks)}; "
             f"log-variance: {clamp} for {epochs_text(config.logvar_epochs)}; plateau: "
             f"{epochs_text(config.plateau_epochs)} without val improvement while another task "
-            f"improves; any NaN/inf loss")
+            f"improves; collapsed: one type class >= {config.collapse_type_share:.0%}, span "
+            f"separation < {config.collapse_span_separation:g} from epoch "
+            f"{config.collapse_after_epochs}, pointer spread < {config.collapse_pointer_bars:g} "
+            f"bar; any NaN/inf loss")
 
 
 __all__ = ["Alarm", "AlarmChecker", "AlarmConfig", "replay", "describe_thresholds"]

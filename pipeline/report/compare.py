@@ -84,12 +84,36 @@ def _run_table(runs: list[Run]) -> str:
                  rows, left_cols=2)
 
 
+def _evaluation_table(runs: list[Run]) -> list[str]:
+    """Each run's `evaluate` figures on test, side by side with their intervals and lift."""
+    from pipeline.evaluate import METRICS
+    from pipeline.report.html import _interval
+    evaluated = [(i, r, r.evaluations["test"]) for i, r in enumerate(runs) if "test" in r.evaluations]
+    if not evaluated:
+        return ['<p class="sub">No run has been evaluated on test yet '
+                '(<code>moola-pipeline evaluate RUN</code>).</p>']
+    header = ["metric"] + [f"{plots.run_label(r, i)}: {kind}" for i, r, _ in evaluated
+                           for kind in ("test [95% CI]", "lift [95% CI]")]
+    rows = []
+    for metric in METRICS:
+        entries = [e["metrics"].get(metric) for _, _, e in evaluated]
+        if not any(entries):
+            continue
+        rows.append([metric, *[cell for entry in entries
+                               for cell in (_interval(entry), _interval((entry or {}).get("lift")))]])
+    return ["<h2>Test metrics (evaluate)</h2>",
+            '<p class="sub">95% bootstrap intervals over the test windows; lift over the best '
+            'naive baseline (positive = better). Intervals that overlap do not separate runs.</p>',
+            table(header, rows)]
+
+
 def render_comparison(runs: list[Run]) -> str:
     tasks = _tasks(runs)
     no_data: list[str] = []
     body = [f"<h1>Run comparison ({len(runs)} runs)</h1>",
             f'<p class="sub">generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}</p>',
             "<h2>Runs</h2>", _run_table(runs),
+            *_evaluation_table(runs),
             "<h2>Final and best metrics</h2>",
             '<p class="sub">best = best value over the epochs (epoch in brackets, counted from '
             '1); bold marks the best run.</p>', _metric_table(runs),

@@ -63,6 +63,7 @@ def render_report(run: Run) -> str:
     no_data: list[str] = []
     body = [f"<h1>Run report: {esc(run.name)}</h1>", _subtitle(run)]
     body += _alarm_section(run, alarm_cfg)
+    body += _evaluation_section(run)
     body += ["<h2>Summary per task</h2>", _task_table(run)]
     body += ["<h2>Task metrics</h2>", _metric_table(run, best)]
     body += ["<h2>Losses</h2>",
@@ -86,6 +87,39 @@ def render_report(run: Run) -> str:
     body += _manifest_section(run)
     body += _missing_section(run, no_data)
     return page(f"moola run {run.name}", body)
+
+
+def _interval(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    text = f"{entry['value']:.3f}"
+    if entry.get("low") is not None:
+        text += f" [{entry['low']:.3f}, {entry['high']:.3f}]"
+    return text
+
+
+def _evaluation_section(run: Run) -> list[str]:
+    """`evaluate`'s table per split (test first), and the span threshold chosen on val."""
+    out = []
+    if run.threshold:
+        out.append(f"<p>Span threshold <b>{run.threshold['span_threshold']:.2f}</b>, chosen on "
+                   f"val ({esc(run.threshold.get('criterion', 'window_f1'))}, "
+                   f"{esc(run.threshold.get('source', ''))}) and applied unchanged on test.</p>")
+    for split, result in sorted(run.evaluations.items(), key=lambda kv: kv[0] != "test"):
+        title = f"Evaluation on {split} ({result['windows']} windows, {esc(result['checkpoint'])})"
+        if result.get("selection_split"):
+            title += ": selection split, optimistic"
+        rows = [[metric + ("" if e["higher_is_better"] else " (lower is better)"), _interval(e),
+                 e.get("best_baseline") or "-",
+                 _interval(e["baselines"].get(e.get("best_baseline"))), _interval(e.get("lift"))]
+                for metric, e in result["metrics"].items()]
+        out += [f"<h2>{title}</h2>",
+                table(["metric", "model [95% CI]", "best baseline", "baseline [95% CI]",
+                       "lift [95% CI]"], rows),
+                f"<p>{esc(result.get('bootstrap'))} bootstrap resamples of the windows, seed "
+                f"{esc(result.get('seed'))}; lift: better than the best naive baseline by this "
+                f"much (positive = better).</p>"]
+    return out
 
 
 def _subtitle(run: Run) -> str:

@@ -37,6 +37,8 @@ class Run:
     manifest: dict | None = None
     predictions: dict[str, np.ndarray] | None = None
     logged_alarms: list[dict] = field(default_factory=list)
+    evaluations: dict[str, dict] = field(default_factory=dict)  # split -> RUN/eval/<split>.json
+    threshold: dict | None = None                                # RUN/threshold.json
     missing: list[str] = field(default_factory=list)   # files not in the run directory
     notes: list[str] = field(default_factory=list)     # anything else left out, and why
 
@@ -189,7 +191,21 @@ def load_run(uri: str) -> Run:
     alarms_uri = storage.join(uri, ALARMS)
     if storage.exists(alarms_uri):
         run.logged_alarms = _read_jsonl(alarms_uri)
+    _read_evaluations(run)
     return run
+
+
+def _read_evaluations(run: Run) -> None:
+    """`evaluate`'s results and the span threshold, when the run has them (optional: a run
+    not evaluated yet is not missing anything)."""
+    from pipeline.evaluate import EVAL_DIR, THRESHOLD_FILE
+    for split in ("test", "val"):
+        uri = storage.join(run.uri, EVAL_DIR, f"{split}.json")
+        if storage.exists(uri):
+            run.evaluations[split] = json.loads(storage.read_bytes(uri))
+    uri = storage.join(run.uri, THRESHOLD_FILE)
+    if storage.exists(uri):
+        run.threshold = json.loads(storage.read_bytes(uri))
 
 
 def _read_metrics(uri: str) -> tuple[list[dict], bool]:

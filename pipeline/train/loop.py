@@ -36,11 +36,13 @@ from pipeline import storage
 from pipeline.config import TrainConfig, config_hash
 from pipeline.data.loader import ShardLoader
 from pipeline.data.manifest import load_manifest
+from pipeline.evaluate.threshold import threshold_from_predictions
 from pipeline.model import JadeCompact, JadeConfig
 from pipeline.reducer import (LOSS_STATS, GradientProbe, LossConfig, MultiTaskModel,
                               build_weighting)
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.device_feed import DeviceFeed, autocast_model
+from pipeline.report.run import epochs_text
 from pipeline.train.metrics import TaskMetrics
 from pipeline.train.rundir import MetricsLog, write_predictions, write_worker_marker
 from pipeline.train.step import (WARMUP_DDP, WARMUP_SINGLE, TrainStep, graph_plan,
@@ -267,6 +269,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             gathered = _gather(preds, world)
             if rank == 0:
                 write_predictions(cfg.out, _merge_predictions(gathered, epoch - 1))
+                # the span threshold of the best checkpoint, chosen on these val predictions
+                threshold_from_predictions(cfg.out)
         if rank == 0:
             _warn_empty_tasks(record)
             log.append(record)
@@ -280,7 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 best_text = (f"best {best['score']:.4g} at epoch {best['epoch'] + 1}" if best
                              else "never scored")
                 print(f"early stopping after epoch {epoch}/{t.epochs}: {t.best_metric} has not "
-                      f"improved for {bad_epochs} epochs ({best_text})", flush=True)
+                      f"improved for {epochs_text(bad_epochs)} ({best_text})", flush=True)
             break
 
 

@@ -17,19 +17,24 @@ What is scored (conventions from `pipeline.reducer.targets`):
   and counted in `windows_unscored`; probability separation = mean p over in-span bars - mean p
   over out-of-span bars;
 - pointer: (center, length) -> predicted start/end bars `round(c*105 -/+ l*105/2)` (round half
-  to even); Hit@±3 for start, end and both; center and length MAE in bars (x 105);
+  to even); Hit@±3 for start, end and both; center and length MAE in bars (x 105); the standard
+  deviation of the predicted center and length across windows (bars: a collapsed pointer ~0);
 - countdown: MAE in bars against the clipped bars-to-start target, the prediction converted back
   from the unit scale (x 40 - 20) when the loss used it;
 - type: a confusion matrix over labeled rows -> accuracy, macro F1 (averaged over the classes
   that occur in the targets: a prediction of a class that is never a target counts against the
-  true class's recall, not as a class of its own), per-class recall.
+  true class's recall, not as a class of its own), per-class recall, balanced accuracy (mean
+  recall over the target classes), `top_class_share` (share of windows given the most predicted
+  class).
 
 `compute()` returns nested dicts, merged into each metrics.jsonl record at the top level:
   {"span": {"precision", "recall", "f1", "window_precision", "window_recall", "window_f1",
             "prob_separation", "bars", "windows", "windows_unscored"},
-   "pointer": {"hit3_start", "hit3_end", "hit3_both", "center_mae_bars", "length_mae_bars", "windows"},
+   "pointer": {"hit3_start", "hit3_end", "hit3_both", "center_mae_bars", "length_mae_bars",
+               "center_std_bars", "length_std_bars", "windows"},
    "countdown": {"mae_bars", "bars"},
-   "type": {"accuracy", "balanced_accuracy", "f1_macro", "recall": [per class], "samples"}}
+   "type": {"accuracy", "balanced_accuracy", "f1_macro", "recall": [per class],
+            "top_class_share", "samples"}}
 only for the tasks given; a value with nothing to score is None (JSON null), never NaN.
 """
 
@@ -48,6 +53,7 @@ _SLOTS = [
     "span_tp", "span_fp", "span_fn", "span_p_in", "span_n_in", "span_p_out", "span_n_out",
     "win_precision", "win_recall", "win_f1", "win_n", "win_unscored",
     "hit_start", "hit_end", "hit_both", "center_abs", "length_abs", "ptr_n",
+    "center_sum", "center_sq", "length_sum", "length_sq",
     "cd_abs", "cd_n",
 ]
 _S = {name: i for i, name in enumerate(_SLOTS)}
@@ -140,6 +146,11 @@ class TaskMetrics:
         self._add("center_abs", ((center - (s + e) / 2).abs() * w).sum())
         self._add("length_abs", ((length - (e - s)).abs() * w).sum())
         self._add("ptr_n", w.sum())
+        # spread of the predictions across windows (a pointer collapsed to one value: std ~ 0)
+        self._add("center_sum", (center * w).sum())
+        self._add("center_sq", (center * center * w).sum())
+        self._add("length_sum", (length * w).sum())
+        self._add("length_sq", (length * length * w).sum())
 
     def _update_span(self, logits, start, end, bars, window) -> None:
         prob = torch.sigmoid(logits.double())
@@ -201,6 +212,8 @@ class TaskMetrics:
                 "hit3_both": _mean(s["hit_both"], n),
                 "center_mae_bars": _mean(s["center_abs"], n),
                 "length_mae_bars": _mean(s["length_abs"], n), "windows": int(n),
+                "center_std_bars": _std(s["center_sum"], s["center_sq"], n),
+                "length_std_bars": _std(s["length_sum"], s["length_sq"], n),
             }
         if "countdown" in self.tasks:
             out["countdown"] = {"mae_bars": _mean(s["cd_abs"], s["cd_n"]), "bars": int(s["cd_n"])}
@@ -209,11 +222,18 @@ class TaskMetrics:
         return out
 
 
+def _std(total: float, squares: float, count: float) -> float | None:
+    if count <= 0:
+        return None
+    mean = total / count
+    return float(max(squares / count - mean * mean, 0.0) ** 0.5)
+
+
 def _type_metrics(confusion: torch.Tensor) -> dict:
     total = float(confusion.sum())
     if total == 0:
         return {"accuracy": None, "balanced_accuracy": None, "f1_macro": None,
-                "recall": [None] * confusion.shape[0], "samples": 0}
+                "recall": [None] * confusion.shape[0], "top_class_share": None, "samples": 0}
     diag = confusion.diagonal()
     true_counts, pred_counts = confusion.sum(1), confusion.sum(0)
     f1s = [_ratio(2 * float(diag[k]), float(true_counts[k] + pred_counts[k]))
@@ -226,5 +246,7 @@ def _type_metrics(confusion: torch.Tensor) -> dict:
         "balanced_accuracy": sum(present) / len(present),
         "f1_macro": sum(f1s) / len(f1s),
         "recall": recall,
+        # the share of windows given the most predicted class (1.0: one class for everything)
+        "top_class_share": float(pred_counts.max()) / total,
         "samples": int(total),
     }
