@@ -13,6 +13,15 @@ warm-up), and, end to end, samples per second between the starts of consecutive 
 (training + distributed eval + checkpoint + metrics record). The worker gets `--threads` CPUs
 (Ray sets its OMP/torch threads to that), the plain loop the same torch thread count.
 Goal (issue 4): pipeline >= 0.9 x plain. Figures depend on machine load: rerun on a quiet box.
+
+    .venv/bin/python bench/train_overhead.py --run-end [--workers 0,1,2] [--end-epochs 2]
+
+The end of a run instead: for each worker count, a small 2-epoch run's command wall time, and
+how long after its last epoch's record (metrics.jsonl written) the report was written and the
+command exited. Each run is made twice: as is, and with RAY_ADDRESS naming a dead address in the
+command's environment, which is what Ray's placement-group cleaner sees when a stale cluster is
+recorded (/tmp/ray/ray_current_cluster left by an earlier `ray start`, ray#65443 and related).
+Run it from an old checkout (a git worktree) for the figures before a change.
 """
 
 from __future__ import annotations
@@ -70,7 +79,8 @@ def plain_loop(data: str, batch_size: int, epochs: int, threads: int, hidden: in
 
 
 def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int,
-                 hidden: int, workers: int = 1) -> tuple[list[dict], float, float]:
+                 hidden: int, workers: int = 1,
+                 extra_env: dict | None = None) -> tuple[list[dict], float, float]:
     """(records, command start time, command wall seconds) of a local Ray run with `workers`
     workers (0: Ray Train local mode, the same loop in the command's own process)."""
     cfg = Path(out + ".yaml")
@@ -84,6 +94,7 @@ def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int
     env = dict(os.environ)
     if workers == 0:  # in-process: give torch the same thread count the worker gets
         env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra_env or {})
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if proc.returncode != 0:
@@ -92,14 +103,44 @@ def pipeline_run(data: str, out: str, batch_size: int, epochs: int, threads: int
     return records, t0, wall
 
 
+STALE = {"RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there: a cluster that is gone
+
+
+def run_end(workers_list: list[int], epochs: int) -> None:
+    """Seconds from the last record to the report and to the command's exit, per worker count."""
+    print(f"end of a run: {epochs} epochs of 48 windows, batch 8, hidden 16; seconds after the "
+          "last epoch's record (metrics.jsonl written)")
+    print(f"{'workers':>7} {'RAY_ADDRESS':>14} {'command':>8} {'start->1st':>10} "
+          f"{'->report':>9} {'->exit':>7}")
+    with tempfile.TemporaryDirectory(prefix="moola-bench-end-") as tmp:
+        data = os.path.join(tmp, "shards")
+        make_data(data, 48, 12)
+        for workers in workers_list:
+            for label, env in (("unset", None), ("stale", STALE)):
+                out = os.path.join(tmp, f"run-w{workers}-{label}")
+                records, t0, wall = pipeline_run(data, out, 8, epochs, 1, 16, workers, env)
+                last = os.path.getmtime(os.path.join(out, "metrics.jsonl"))
+                report = os.path.join(out, "report.html")
+                to_report = os.path.getmtime(report) - last if os.path.exists(report) else None
+                shown = "none" if to_report is None else f"{to_report:9.1f}"
+                print(f"{workers:7d} {label:>14} {wall:8.1f} {records[0]['started_at'] - t0:10.1f} "
+                      f"{shown:>9} {t0 + wall - last:7.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-end", action="store_true", help="measure the end of a run only")
+    ap.add_argument("--workers", default="0,1,2", help="worker counts for --run-end")
+    ap.add_argument("--end-epochs", type=int, default=2, help="epochs of each --run-end run")
     ap.add_argument("--train", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--hidden", type=int, default=96)
     args = ap.parse_args()
+    if args.run_end:
+        run_end([int(w) for w in args.workers.split(",")], args.end_epochs)
+        return
 
     with tempfile.TemporaryDirectory(prefix="moola-bench-") as tmp:
         data = os.path.join(tmp, "shards")

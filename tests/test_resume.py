@@ -134,3 +134,93 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+# ---- what --resume and Ctrl-C say (issue: resume said nothing and could silently start over)
+
+LOCAL = ["--workers", "0", "--epochs", "2", "--batch-size", "8", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A finished 2-epoch local-mode run (6 steps per epoch) to copy and cut."""
+    base = tmp_path_factory.mktemp("resume-local")
+    shards = make_shards(base / "shards")
+    cfg = base / "small.yaml"
+    cfg.write_text(CONFIG)
+    out = base / "run"
+    proc = run_cli("train", "--data", shards, "--out", out, "--config", cfg, *LOCAL, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base, shards, cfg, out
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_says_which_checkpoint_epoch_and_step_it_continues_from(local_run, tmp_path):
+    _, _, _, done = local_run
+    out = _copy(done, tmp_path / "cut")
+    import shutil
+    shutil.rmtree(out / "checkpoint_e0002_s00000012")  # the run stopped before its last one
+    proc = run_cli("train", "--out", out, "--resume", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("--resume: continuing from checkpoint checkpoint_e0001_s00000006 (step 6) at "
+            "epoch 2 of 2") in proc.stderr
+    assert [r["epoch"] for r in read_metrics(str(out))] == [0, 1]
+
+
+def test_resume_without_a_whole_checkpoint_says_it_starts_fresh(local_run, tmp_path):
+    _, _, _, done = local_run
+    out = _copy(done, tmp_path / "cut-short")
+    for name in checkpoint_dirs(str(out)):  # every checkpoint cut short while it was written
+        (out / name / "meta.json").unlink()
+    proc = run_cli("train", "--out", out, "--resume", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--resume: {out} has no whole checkpoint" in proc.stderr
+    assert "starting the run fresh from epoch 1 of 2" in proc.stderr
+    assert [r["epoch"] for r in read_metrics(str(out))] == [0, 1]
+    assert read_meta(str(out / checkpoint_dirs(str(out))[-1]))["step"] == 12
+
+
+@pytest.mark.parametrize("ray_run", [False, True], ids=["local-mode", "ray-workers"])
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(local_run, setup, tmp_path, ray_run):
+    head, _, _, full = setup
+    out = _copy(full if ray_run else local_run[3], tmp_path / "finished")
+    (out / "report.html").unlink()  # as when a stop cut the run short of writing it
+    before = (out / "metrics.jsonl").read_text(), checkpoint_dirs(str(out))
+    markers = {p.name: p.read_text() for p in (out / "workers").iterdir()}
+    proc = run_cli("train", "--out", out, "--resume", env=head.env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = EPOCHS if ray_run else 2
+    assert f"--resume: the run in {out} is already finished ({epochs} epochs" in proc.stdout
+    assert ((out / "metrics.jsonl").read_text(), checkpoint_dirs(str(out))) == before
+    # no worker started (each writes its marker), and no Ray: nothing of Ray's in the output
+    assert {p.name: p.read_text() for p in (out / "workers").iterdir()} == markers
+    assert "Ray" not in proc.stdout + proc.stderr
+    assert (out / "report.html").exists() and f"report: {out / 'report.html'}" in proc.stdout
+
+
+def test_ctrl_c_says_how_to_continue(local_run, tmp_path):
+    base, shards, cfg, _ = local_run
+    out = tmp_path / "interrupted"
+    proc = start(["train", "--data", shards, "--config", cfg, "--workers", "0", "--epochs", "500",
+                  "--batch-size", "8"], out, {})
+    try:
+        deadline = time.time() + 120
+        while not read_metrics(str(out)):  # the first epoch is done
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "aborted" not in output.splitlines()[-1]
+    assert "training interrupted by Ctrl-C" in output
+    assert f"continue with `moola-pipeline train --out {out} --resume`" in output.lower()
+    assert "a --resume continues from checkpoint_e" in output
+    assert (out / "report.html").exists()

@@ -228,3 +228,32 @@ def test_probe_off_trains_exactly_the_same_and_records_no_gradient_figures(tmp_p
     assert all(r["grad_norm"] is None and r["grad_ratio_countdown_pointer"] is None
                for r in records)
     assert all(r["grad_norm"] for r in base)
+
+
+@pytest.mark.parametrize("unlabeled", ["train", "val"])
+def test_a_split_without_labeled_windows_is_refused_before_training(tmp_path, unlabeled):
+    # Training on it would "succeed" with every loss 0 and a green report.
+    names = [f"f{i}" for i in range(12)]
+    frac = {"train": 1.0, "val": 1.0, unlabeled: 0.0}
+    data = tmp_path / "bars"
+    write_shard_set(str(data), names, itertools.chain(
+        random_chunks(48, split="train", seed=0, labeled_fraction=frac["train"]),
+        random_chunks(12, split="val", seed=1, labeled_fraction=frac["val"])))
+    out = tmp_path / "run"
+    proc = train("--data", data, "--out", out, "--epochs", "1", "--batch-size", "8")
+    assert_user_error(proc, str(data), f"the {unlabeled} split has no labeled window",
+                      "moola-pipeline pretrain")
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_split_with_one_labeled_window_is_accepted_by_the_preflight(tmp_path):
+    from pipeline.data.manifest import load_manifest
+    from pipeline.train.trainer import has_labeled_window
+    names = [f"f{i}" for i in range(12)]
+    data = tmp_path / "few"
+    write_shard_set(str(data), names, itertools.chain(
+        random_chunks(40, split="train", seed=0, labeled_fraction=0.0),
+        random_chunks(1, split="train", seed=2, labeled_fraction=1.0)))
+    manifest = load_manifest(str(data))
+    assert has_labeled_window(str(data), manifest, "train")
+    assert not has_labeled_window(str(data), manifest, "val")

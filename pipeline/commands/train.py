@@ -44,6 +44,12 @@ FLAG_KEYS = {
               help="Metrics-record key that picks the best checkpoint. [val_loss]")
 @click.option("--patience", type=int, help="Early stopping: epochs without improvement. [0: off]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
+# Console only, not a run setting: kept out of the command's params (ctx.meta instead), which
+# `submit` maps onto config keys.
+@click.option("--verbose", is_flag=True, expose_value=False,
+              callback=lambda ctx, _param, value: ctx.meta.__setitem__("verbose", value),
+              help="Show Ray's own output (worker prefixes, Ray's logging) on the console "
+                   "instead of keeping it in OUT/ray.log (a local run).")
 def train(config_path, resume, **flags):
     """Train JadeCompact on sharded data with Ray Train (DDP)."""
     from pipeline.config import load_config
@@ -61,20 +67,66 @@ def train(config_path, resume, **flags):
             raise UserError("missing --data URI (a shard directory with manifest.json)")
         cfg = load_config(config_path, overrides).validate()
 
+    from pipeline.train.trainer import RunInterrupted
+
+    verbose = click.get_current_context().meta.get("verbose", False)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731  (stdout: the final lines)
+    try:
+        summary = _run(cfg, resume, overrides, say, verbose)
+    except KeyboardInterrupt:  # before training started (inside it, run_training says more)
+        raise UserError(f"interrupted before training started; {_again(cfg.out)}") from None
+    except RunInterrupted as exc:
+        _exit_now(exc)
+    _print_summary(summary)
+
+
+def _exit_now(exc) -> None:
+    """Training threads may still run (local mode's torch, Ray's fit thread; Ray itself is
+    already stopped): a normal interpreter exit would abort in their C++ code (SIGABRT,
+    "terminate called without an active exception") instead of exiting with the signal's code."""
+    import os
+
+    click.echo(f"error: {exc.format_message()}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exc.exit_code)
+
+
+def _again(out: str) -> str:
+    from pipeline import storage
+    from pipeline.train import rundir
+    if out and storage.exists(storage.join(out, rundir.CONFIG)):
+        return f"continue with `moola-pipeline train --out {out} --resume`"
+    return "nothing was written: run the same command again"
+
+
+def _run(cfg, resume: bool, overrides: dict, say, verbose: bool):
     from pipeline.train.trainer import PlainProgress, RichProgress, run_training
 
     if sys.stderr.isatty():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("epochs"), TimeElapsedColumn(), transient=False) as bar:
-            summary = run_training(cfg, resume, overrides, progress=RichProgress(cfg, bar))
+            summary = run_training(cfg, resume, overrides, progress=RichProgress(cfg, bar),
+                                   say=lambda line: bar.console.print(line, markup=False),
+                                   verbose=verbose)
     else:
-        summary = run_training(cfg, resume, overrides, progress=PlainProgress(cfg))
+        summary = run_training(cfg, resume, overrides, progress=PlainProgress(cfg), say=say,
+                               verbose=verbose)
+    return summary
 
+
+def _print_summary(summary) -> None:
     last = summary.last_record or {}
+    if summary.finished_before:
+        click.echo(f"--resume: the run in {summary.out} is already finished "
+                   f"({summary.epochs_done} epochs, step {last.get('step')}); nothing to train. "
+                   "Pass a larger --epochs to train it further")
     click.echo(f"run {summary.run_id}: {summary.epochs_done} epochs, step {last.get('step')}, "
                f"output in {summary.out}")
     best = "none" if summary.best_epoch is None else f"epoch {summary.best_epoch + 1}"
+    if summary.ray_log:
+        click.echo(f"Ray's own output: {summary.ray_log} (--verbose shows it on the console instead)")
     click.echo(f"best checkpoint ({best}): {summary.best_checkpoint}; "
                f"report: {summary.report or 'not written (report module missing)'}")
 

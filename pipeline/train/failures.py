@@ -1,15 +1,31 @@
-"""Say what happened when training workers die (a process killed, a whole node lost).
+"""What runs inside Ray Train's controller: an account of dying workers, and a quick end of a run.
 
-Ray Train's own account of a worker-group failure (`[FailurePolicy] RETRY ...`) is logged at INFO,
+FailureReporter: say what happened when training workers die (a process killed, a whole node
+lost). Ray Train's own account of a worker-group failure (`[FailurePolicy] RETRY ...`) is logged at INFO,
 below the WARNING level a cluster run uses, so without this the job's output shows only stack
 traces. This callback runs inside Ray Train's controller (on the driver's node, so it outlives
 any lost worker node) and prints one line per failure: which ranks, why, how many of
 --max-failures are used, and what comes next.
+
+QuickStopCleaner / PipelineTrainer: Ray 2.60 starts a detached PlacementGroupCleaner per run that
+asks the state API, every second, whether the controller is alive, and at the run's end waits up
+to 12 s for that thread to notice a stop. The state API lookup (address None) resolves the
+cluster from RAY_ADDRESS or /tmp/ray/ray_current_cluster, which can name a stale cluster; then
+each lookup hangs for its 10 s timeout, the stop times out with a GetTimeoutError traceback and
+`Monitor thread did not exit within 12.00 seconds`, and every run ends with 12-21 s of dead time
+(ray#65443 and related). We stop the cleaner with ray.kill instead (its stop never removes the
+placement group: the controller does that itself), and a local Ray, which has no dashboard and
+so no state API, gets no cleaner at all: there it could never answer, and the placement group
+dies with the local cluster.
 """
 
 from __future__ import annotations
 
+import ray
 from ray.train import UserCallback
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import \
+    PlacementGroupCleanerCallback
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -73,3 +89,36 @@ def stopped_run_message(exc: BaseException, cfg) -> str | None:
     return (f"training stopped: {what}, and --max-failures {cfg.cluster.max_failures} allows no "
             f"more restarts. The checkpoints in {cfg.out} are kept: run the same command with "
             "--resume to continue from the last one")
+
+
+class QuickStopCleaner(PlacementGroupCleanerCallback):
+    """Ray's placement-group cleaner, stopped at once at the end of a run (see the module doc)."""
+
+    def _stop_cleaner(self):
+        if self._cleaner is None:
+            return
+        try:
+            ray.kill(self._cleaner, no_restart=True)  # returns at once; the actor just exits
+        except Exception:  # already gone: nothing to stop
+            pass
+        finally:
+            self._cleaner = None
+
+
+class PipelineTrainer(TorchTrainer):
+    """TorchTrainer with the cleaner swapped (a private hook of Ray 2.60, which pyproject pins):
+    QuickStopCleaner on a cluster, none on a local Ray (no state API there)."""
+
+    def __init__(self, *args, cleaner: bool = True, **kwargs):
+        self._with_cleaner = cleaner
+        super().__init__(*args, **kwargs)
+
+    def _create_default_callbacks(self):
+        callbacks = []
+        for cb in super()._create_default_callbacks():
+            if type(cb) is PlacementGroupCleanerCallback:
+                if not self._with_cleaner:
+                    continue
+                cb = QuickStopCleaner()
+            callbacks.append(cb)
+        return callbacks

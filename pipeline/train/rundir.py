@@ -24,14 +24,27 @@ METRICS = "metrics.jsonl"
 MANIFEST = "manifest.json"
 PREDICTIONS = "best_val_predictions.npz"
 REPORT = "report.html"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's checkpoint bookkeeping
 CHECKPOINT_NAME = re.compile(r"^checkpoint_e\d{4}_s\d{8}$")  # checkpoint.checkpoint_name()
 
 
 def read_metrics(out: str) -> list[dict]:
-    uri = storage.join(out, METRICS)
+    return read_jsonl(out, METRICS)
+
+
+def read_jsonl(out: str, name: str) -> list[dict]:
+    """OUT/name's JSON lines; a last line still being written is not one yet."""
+    uri = storage.join(out, name)
     if not storage.exists(uri):
         return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    records = []
+    for line in storage.read_text(uri).splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+    return records
 
 
 class MetricsLog:
@@ -79,3 +92,17 @@ def checkpoint_dirs(out: str) -> list[str]:
     if not storage.exists(out):
         return []
     return sorted(n for n in storage.listdir(out) if CHECKPOINT_NAME.match(n))
+
+
+def ray_latest_checkpoint(out: str) -> str | None:
+    """The checkpoint Ray Train restores a run from (workers >= 1): the latest one its snapshot
+    lists. No snapshot, or one this Ray cannot read: Ray starts the run fresh, and so None."""
+    uri = storage.join(out, RAY_SNAPSHOT)
+    if not storage.exists(uri):
+        return None
+    try:
+        latest = json.loads(storage.read_text(uri)).get("latest_checkpoint_result") or {}
+    except ValueError:
+        return None
+    name = latest.get("checkpoint_dir_name")
+    return name if isinstance(name, str) and CHECKPOINT_NAME.match(name) else None

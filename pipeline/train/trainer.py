@@ -8,9 +8,12 @@ already holds a run, because Ray would silently resume it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ class RunSummary:
     best_checkpoint: str | None
     report: str | None
     last_record: dict | None
+    finished_before: bool = False  # a --resume found the run already finished
+    ray_log: str | None = None  # Ray's own output, when the console did not show it
 
 
 def new_run_id(out: str) -> str:
@@ -85,6 +90,13 @@ def preflight(cfg: TrainConfig) -> dict:
         if not manifest.get("splits", {}).get(split):
             raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
                             f"non-zero {split} fraction")
+    for split in ("train", "val"):
+        if not has_labeled_window(cfg.data, manifest, split):
+            raise UserError(
+                f"{cfg.data}: the {split} split has no labeled window (all "
+                f"{manifest['splits'][split]} are unlabeled), so every training loss would be 0. "
+                "Train on labeled windows (ingest with --labels LABELS.csv, or moola's labeled "
+                "Parquet); unlabeled bars are for pretraining (coming: moola-pipeline pretrain)")
     check_batch_fits(cfg, manifest["splits"])
     if cfg.cluster.address is None:  # a cluster's resources are checked once joined
         import torch
@@ -99,6 +111,30 @@ def preflight(cfg: TrainConfig) -> dict:
     build_weighting(loss_cfg.weighting, model_cfg.tasks, loss_cfg.weighting_options)
     check_best_metric(cfg.train.best_metric, model_cfg.tasks, model_cfg.num_classes)
     return manifest
+
+
+def has_labeled_window(data: str, manifest: dict, split: str) -> bool:
+    """Whether any window of `split` has a label (unlabeled rows hold label -1). The manifest
+    counts rows, not labels, so ask the shards: their Parquet footers keep the `label` column's
+    min/max per row group, and only a row group without statistics has that column read."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.manifest import shard_uri
+    for shard in manifest["shards"]:
+        if shard["split"] != split or not shard["rows"]:
+            continue
+        fs, path = storage.resolve(shard_uri(data, shard))
+        with storage.user_errors(shard_uri(data, shard)), fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            column = pf.schema_arrow.get_field_index("label")
+            for i in range(pf.metadata.num_row_groups):
+                stats = pf.metadata.row_group(i).column(column).statistics
+                if stats is not None and stats.has_min_max:
+                    if stats.max >= 0:
+                        return True
+                elif (pf.read_row_group(i, columns=["label"]).column(0).to_numpy() >= 0).any():
+                    return True
+    return False
 
 
 def record_metric_keys(tasks, num_classes: int) -> set[str]:
@@ -145,8 +181,10 @@ def write_run_files(cfg: TrainConfig) -> None:
                                storage.read_bytes(manifest_uri(cfg.data)))
 
 
-def init_ray(cfg: TrainConfig) -> None:
-    """Start a local Ray sized to the machine, or join the cluster at --address."""
+def init_ray(cfg: TrainConfig, verbose: bool = False) -> None:
+    """Start a local Ray sized to the machine, or join the cluster at --address. A local Ray's
+    processes keep their output in Ray's session logs (copied to OUT/ray.log at the end) unless
+    `verbose`: the console gets our epoch lines and alarms, printed by the driver."""
     import ray
     c = cfg.cluster
     # Worker processes chdir into Ray's session dir by default; all our paths are absolute,
@@ -157,7 +195,7 @@ def init_ray(cfg: TrainConfig) -> None:
     if c.address is None:
         need = c.workers * c.cpus_per_worker + 1  # + the Train controller
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                 include_dashboard=False, log_to_driver=True,
+                 include_dashboard=False, log_to_driver=not quiet_ray(cfg, verbose),
                  object_store_memory=256 * 1024 * 1024, configure_logging=False,
                  logging_level="WARNING")
         return
@@ -197,9 +235,8 @@ def check_storage_for_cluster(cfg: TrainConfig) -> None:
 
 def build_trainer(cfg: TrainConfig, resume_from: str | None):
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from pipeline.train.failures import FailureReporter
+    from pipeline.train.failures import FailureReporter, PipelineTrainer
     from pipeline.train.loop import train_loop_per_worker
 
     c, t = cfg.cluster, cfg.train
@@ -228,8 +265,9 @@ def build_trainer(cfg: TrainConfig, resume_from: str | None):
             num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SCORE_ATTR,
             checkpoint_score_order=t.best_mode),
         **storage_kwargs)
-    return TorchTrainer(
+    return PipelineTrainer(
         train_loop_per_worker,
+        cleaner=c.address is not None,  # a local Ray has no state API for it (failures.py)
         train_loop_config={"config": cfg.to_dict(), "local_mode": c.workers == 0,
                            "resume_from": resume_from},
         scaling_config=ray.train.ScalingConfig(num_workers=c.workers,
@@ -296,8 +334,97 @@ def _name_out(message: str, cfg: TrainConfig) -> str:
     return f"{cfg.out}: {message}" if message.startswith("no space left") else message
 
 
-def fit(trainer, cfg: TrainConfig, progress) -> object:
-    """trainer.fit() in a thread while the main thread shows per-epoch progress from OUT."""
+POLL_S = 0.5  # how often the driver looks at metrics.jsonl while Ray trains
+
+
+class RunInterrupted(UserError):
+    """Ctrl-C or SIGTERM (`moola-pipeline stop`, a stopped Ray job): the run is kept for --resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+class StopSignals:
+    """SIGTERM turned into an exception in the main thread (Python's default ends the process
+    on the spot, leaving no report and no word on how to continue), except while the report is
+    written: then it waits until the file is whole (`deferred`)."""
+
+    def __init__(self):
+        self.deferring, self.pending, self.previous = False, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _on_term(self, signum, frame):
+        if self.deferring:
+            self.pending = True
+            return
+        raise _Terminated()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            if self.pending:
+                raise _Terminated()
+
+
+class RunReport:
+    """report.html, written by the driver as soon as the run's last record is in (before Ray's
+    teardown, which a stopped job may never finish), and again only if the records change."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.written_for: list[dict] | None = None
+        self.uri: str | None = None
+
+    def write(self, records: list[dict]) -> str | None:
+        try:
+            from pipeline.report.html import write_report
+        except ImportError:
+            return None
+        if records and records != self.written_for:
+            self.uri = str(write_report(self.cfg.out) or storage.join(self.cfg.out, rundir.REPORT))
+            self.written_for = records
+        return self.uri
+
+    def at_last_record(self, signals: StopSignals) -> None:
+        records = rundir.read_metrics(self.cfg.out)
+        if records and self.written_for is None and run_finished(records[-1], self.cfg):
+            with signals.deferred():
+                self.write(records)
+
+
+def run_finished(record: dict | None, cfg: TrainConfig) -> bool:
+    """Whether `record` (one epoch's metrics) is the run's last: every epoch done, or early
+    stopping (the loop's rule: `patience` epochs since the best one, or since the start)."""
+    if record is None:
+        return False
+    done = record["epoch"] + 1
+    if done >= cfg.train.epochs:
+        return True
+    patience = cfg.train.early_stop_patience
+    best = record.get("best_epoch")
+    return bool(patience) and (done - (best + 1 if best is not None else 0)) >= patience
+
+
+def fit(trainer, cfg: TrainConfig, progress, report: RunReport) -> object:
+    """trainer.fit() in a thread while the main thread shows per-epoch progress from OUT and
+    writes the report once the last record is in."""
     box: dict = {}
 
     def target():
@@ -307,11 +434,17 @@ def fit(trainer, cfg: TrainConfig, progress) -> object:
             box["error"] = exc
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    thread.start()
-    seen = len(rundir.read_metrics(cfg.out))
-    while thread.is_alive():
-        thread.join(timeout=1.0)
-        seen = progress.update(seen)
+    with StopSignals() as signals:
+        try:
+            thread.start()
+            seen = len(rundir.read_metrics(cfg.out))
+            while thread.is_alive():
+                thread.join(timeout=POLL_S)
+                seen = progress.update(seen)
+                report.at_last_record(signals)
+        except (KeyboardInterrupt, _Terminated) as exc:
+            signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+            raise interrupted(cfg, report, signum) from None
     progress.update(seen)
     if "error" in box:
         exc = box["error"]
@@ -332,12 +465,100 @@ def fit(trainer, cfg: TrainConfig, progress) -> object:
     return result
 
 
+def interrupted(cfg: TrainConfig, report: RunReport, signum: int) -> RunInterrupted:
+    """The report of the finished epochs, then where a --resume would continue. Ray's workers
+    are stopped first; local mode's training thread goes on until the process exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the report
+    how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM (a stop)"
+    stop_ray()  # Ray's workers stop here, so the report does not compete with them for CPU
+    records = rundir.read_metrics(cfg.out)
+    written = None
+    if records:
+        print(f"\n{how}: writing the report of the {len(records)} finished epoch(s) "
+              "(Ctrl-C again skips it)", file=sys.stderr, flush=True)
+        try:
+            written = report.write(records)
+        except KeyboardInterrupt:
+            pass
+    point = resume_point(cfg)
+    where = (f"a --resume continues from {point[0]} (step {point[1]['step']})" if point else
+             "no whole checkpoint yet, so a --resume starts it fresh")
+    shown = f"; report of {len(records)} epoch(s): {written}" if written else ""
+    return RunInterrupted(
+        f"training interrupted by {how}; {cfg.out} keeps the run: {where}{shown}. Continue "
+        f"with `moola-pipeline train --out {cfg.out} --resume`", signum)
+
+
+def stop_ray() -> None:
+    """Leave Ray: a local cluster stops, and on a cluster this driver's job ends, so its
+    workers go. Local mode (no Ray processes) has nothing to stop."""
+    import ray
+    if ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # stopping anyway: what is left dies with this process
+            pass
+
+
+def resume_point(cfg: TrainConfig) -> tuple[str, dict] | None:
+    """The whole checkpoint a --resume continues from, as (name, meta.json), or None when a
+    resume starts fresh. Ray (workers >= 1) restores the latest checkpoint its own snapshot
+    lists, so a checkpoint cut short before Ray registered it is not it; local mode takes the
+    newest whole one (latest_local_checkpoint)."""
+    if cfg.cluster.workers == 0:
+        names = [n for n in rundir.checkpoint_dirs(cfg.out) if _whole(cfg.out, n)]
+        name = names[-1] if names else None
+    else:
+        name = rundir.ray_latest_checkpoint(cfg.out)
+        if name is not None and not _whole(cfg.out, name):
+            name = None
+    if name is None:
+        return None
+    return name, json.loads(storage.read_text(storage.join(cfg.out, name, "meta.json")))
+
+
+def _whole(out: str, name: str) -> bool:
+    # meta.json is written last: a copy cut short (disk full, S3 down, a kill) lacks it.
+    return storage.exists(storage.join(out, name, "meta.json"))
+
+
+def describe_resume(cfg: TrainConfig, point: tuple[str, dict] | None) -> str:
+    if point is None:
+        cut = [n for n in rundir.checkpoint_dirs(cfg.out) if not _whole(cfg.out, n)]
+        why = (f" ({', '.join(cut)} incomplete: cut short while it was written)" if cut else "")
+        return (f"--resume: {cfg.out} has no whole checkpoint{why}; starting the run fresh "
+                f"from epoch 1 of {cfg.train.epochs}")
+    name, meta = point
+    loader = meta.get("loader") or {}
+    epoch, consumed = loader.get("epoch", meta["epoch"]), loader.get("batches_consumed", 0)
+    where = (f"epoch {epoch + 1} of {cfg.train.epochs}" + (f", after its first {consumed} batches"
+             if consumed else ""))
+    return f"--resume: continuing from checkpoint {name} (step {meta['step']}) at {where}"
+
+
+def finished_run(cfg: TrainConfig, point: tuple[str, dict] | None) -> RunSummary | None:
+    """A --resume of a run whose last checkpoint closes its last epoch: nothing to train. Its
+    report is written if a stop cut the run short of writing it."""
+    if point is None or not run_finished(point[1].get("record"), cfg):
+        return None
+    summary = summarize(cfg, RunReport(cfg), write_missing_only=True)
+    summary.finished_before = True
+    return summary
+
+
 def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None = None,
-                 progress=None) -> RunSummary:
+                 progress=None, say=print, verbose: bool = False) -> RunSummary:
     cfg = prepare_run(cfg, resume, overrides)
+    point = resume_point(cfg) if resume else None
+    if resume:  # a finished run: say so before any data check or Ray start
+        done = finished_run(cfg, point)
+        if done is not None:
+            return done
     preflight(cfg)
+    if resume:
+        say(describe_resume(cfg, point))
     if cfg.cluster.workers > 0:
-        init_ray(cfg)
+        init_ray(cfg, verbose)
         check_storage_for_cluster(cfg)
         if cfg.cluster.address is not None:
             import ray
@@ -348,13 +569,19 @@ def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None 
         claim_run_dir(cfg)
     write_run_files(cfg)
     resume_from = latest_local_checkpoint(cfg) if (resume and cfg.cluster.workers == 0) else None
-    trainer = build_trainer(cfg, resume_from)
     progress = progress or PlainProgress(cfg)
-    fit(trainer, cfg, progress)
-    return summarize(cfg)
+    ray_log = RayLog(cfg, verbose)
+    # Quiet local Ray: the workers' output stays in Ray's logs, so the driver prints the lines.
+    progress.echo = ray_log.quiet and cfg.cluster.workers > 0
+    report = RunReport(cfg)
+    with ray_log:  # Ray logs from the trainer's construction on (local mode says so at INFO)
+        fit(build_trainer(cfg, resume_from), cfg, progress, report)
+    summary = summarize(cfg, report)
+    summary.ray_log = ray_log.uri if ray_log.quiet else None
+    return summary
 
 
-def summarize(cfg: TrainConfig) -> RunSummary:
+def summarize(cfg: TrainConfig, report: RunReport, write_missing_only: bool = False) -> RunSummary:
     records = rundir.read_metrics(cfg.out)
     last = records[-1] if records else None
     best_epoch = last.get("best_epoch") if last else None
@@ -364,26 +591,131 @@ def summarize(cfg: TrainConfig) -> RunSummary:
         best = next(r for r in records if r["epoch"] == best_epoch)
         from pipeline.train.checkpoint import checkpoint_name
         best_ckpt = storage.join(cfg.out, checkpoint_name(best_epoch + 1, best["step"]))
-    report = None
-    try:
-        from pipeline.report.html import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None and records:
-        report = write_report(cfg.out) or storage.join(cfg.out, rundir.REPORT)
-    return RunSummary(cfg.out, cfg.run_id, len(records), best_epoch, best_ckpt,
-                      str(report) if report else None, last)
+    existing = storage.join(cfg.out, rundir.REPORT)
+    if write_missing_only and storage.exists(existing):
+        uri = existing
+    else:
+        uri = report.write(records)
+    return RunSummary(cfg.out, cfg.run_id, len(records), best_epoch, best_ckpt, uri, last)
+
+
+RAY_LOG = "ray.log"
+
+
+def quiet_ray(cfg: TrainConfig, verbose: bool) -> bool:
+    """Whether Ray's output goes to OUT/ray.log instead of the console: a local Ray or local
+    mode, a local OUT (ray.log is appended to), and no --verbose."""
+    return cfg.cluster.address is None and not storage.is_s3(cfg.out) and not verbose
+
+
+class RayLog:
+    """Ray's own output (worker and controller lines, Ray's INFO logging) in OUT/ray.log instead
+    of the console, for a run on a local Ray or in local mode; `verbose` shows it on the console
+    instead.
+    A run joining a cluster (--address) keeps Ray's output on the console: that is what its job
+    logs hold. Real failures stay loud either way: the driver raises them."""
+
+    def __init__(self, cfg: TrainConfig, verbose: bool):
+        self.cfg = cfg
+        self.quiet = quiet_ray(cfg, verbose)
+        self.uri = storage.join(cfg.out, RAY_LOG)
+        self._handler = None
+        self._muted: list = []
+
+    def __enter__(self):
+        if not self.quiet:
+            return self
+        import logging
+
+        import ray.train  # noqa: F401  (Ray adds its console handlers when imported)
+        ray_logger = logging.getLogger("ray")
+        self._handler = logging.FileHandler(self.uri, mode="a")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.addHandler(self._handler)
+        for h in ray_logger.handlers:  # Ray's console handlers: warnings and errors only
+            if h is not self._handler and isinstance(h, logging.StreamHandler) \
+                    and not isinstance(h, logging.FileHandler):
+                self._muted.append((h, h.level))
+                h.setLevel(max(h.level, logging.WARNING))
+        return self
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            return
+        import logging
+        for h, level in self._muted:
+            h.setLevel(level)
+        logging.getLogger("ray").removeHandler(self._handler)
+        self._handler.close()
+        self._append_session_logs()
+
+    def _append_session_logs(self) -> None:
+        """The local Ray's worker and controller output (Ray's session logs, this job's)."""
+        import glob
+        import ray
+        node = getattr(ray._private.worker, "_global_node", None)  # no public accessor
+        if not ray.is_initialized() or node is None:
+            return
+        job = ray.get_runtime_context().get_job_id()
+        files = sorted(glob.glob(os.path.join(node.get_logs_dir_path(), f"worker-*-{job}-*.*")))
+        with open(self.uri, "a") as log:
+            for path in files:
+                if path.endswith((".out", ".err")) and os.path.getsize(path):
+                    log.write(f"===== {os.path.basename(path)}\n")
+                    with open(path, errors="replace") as f:
+                        log.write(f.read())
 
 
 class PlainProgress:
-    """Not a TTY: rank 0's EpochSink already prints one summary line per epoch (with alarms),
-    so the driver adds nothing; `update(seen) -> seen` is the interface RichProgress fills."""
+    """Not a TTY. Rank 0's EpochSink prints one summary line per epoch (with alarms); when the
+    workers' output does not reach this console (`echo`), the driver prints those lines from
+    metrics.jsonl and alarms.jsonl. `update(seen) -> seen` is the interface RichProgress fills."""
+
+    echo = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.alarms_seen = len(rundir.read_jsonl(cfg.out, ALARMS)) if cfg.out else 0
 
     def update(self, seen: int) -> int:
-        return seen
+        if not self.echo:
+            return seen
+        records = rundir.read_metrics(self.cfg.out)
+        alarms = rundir.read_jsonl(self.cfg.out, ALARMS)
+
+        def show_alarms(upto: int) -> None:
+            # each alarm under the line of the epoch that raised it, as rank 0 prints them (rank
+            # 0 logs it just after the record: a late one comes with the next poll)
+            while self.alarms_seen < len(alarms) and \
+                    alarms[self.alarms_seen].get("epoch", -1) <= upto:
+                alarm = alarms[self.alarms_seen]
+                self.show(f"ALARM [{alarm.get('kind')}] {alarm.get('message')}")
+                self.alarms_seen += 1
+
+        if records:
+            show_alarms(records[min(seen, len(records)) - 1]["epoch"] if seen else -1)
+        for record in records[seen:]:
+            self.show(_summary_line(record, self.cfg.train.epochs))
+            show_alarms(record["epoch"])
+            if run_finished(record, self.cfg) and record["epoch"] + 1 < self.cfg.train.epochs:
+                self.show(f"early stopping after epoch {record['epoch'] + 1}/"
+                          f"{self.cfg.train.epochs}: {self.cfg.train.best_metric} has not "
+                          f"improved for {self.cfg.train.early_stop_patience} epochs")
+        return max(seen, len(records))
+
+    def show(self, line: str) -> None:
+        print(line, flush=True)
+
+
+ALARMS = "alarms.jsonl"  # written by rank 0's EpochSink (pipeline.report.live)
+
+
+def _summary_line(record: dict, epochs: int) -> str:
+    try:
+        from pipeline.report.live import summary_line
+    except ImportError:
+        return f"epoch {record['epoch'] + 1}/{epochs} | val_loss {record.get('val_loss')}"
+    return summary_line(record, epochs)
 
 
 class RichProgress(PlainProgress):
@@ -395,12 +727,16 @@ class RichProgress(PlainProgress):
         self.task = bar.add_task("training", total=cfg.train.epochs)
 
     def update(self, seen: int) -> int:
+        seen = super().update(seen)
         records = rundir.read_metrics(self.cfg.out)
         if records:
             r = records[-1]
             self.bar.update(self.task, completed=len(records),
                             description=f"epoch {r['epoch'] + 1} val_loss {r['val_loss']:.4f}")
         return max(seen, len(records))
+
+    def show(self, line: str) -> None:
+        self.bar.console.print(line, markup=False, highlight=False)
 
 
 def summary_json(summary: RunSummary) -> str:
