@@ -95,6 +95,9 @@ def train_entrypoint(train_args: list[str]) -> str:
     return shlex.join(["moola-pipeline", "train", *train_args])
 
 
+STOP_WAIT_VAR, STOP_WAIT_S = "RAY_JOB_STOP_WAIT_TIME_S", 30
+
+
 def job_env_vars(extra: dict[str, str] | None = None, environ=None) -> dict[str, str]:
     """FORWARDED_VARS from the submitter's environment, plus `--env` pairs; never a credential."""
     environ = os.environ if environ is None else environ
@@ -105,6 +108,9 @@ def job_env_vars(extra: dict[str, str] | None = None, environ=None) -> dict[str,
                             "the environment of the cluster's nodes instead")
         env[name] = value
     env["PYTHONUNBUFFERED"] = "1"  # so `logs --follow` shows lines as they are printed
+    # `stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default 3): the driver
+    # needs a few to write the report of the finished epochs and name the resume command
+    env.setdefault(STOP_WAIT_VAR, str(STOP_WAIT_S))
     return env
 
 

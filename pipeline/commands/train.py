@@ -117,12 +117,13 @@ def _run(cfg, resume: bool, overrides: dict, say, verbose: bool):
 
 
 def _print_summary(summary) -> None:
+    from pipeline.report.run import epochs_text
     last = summary.last_record or {}
     if summary.finished_before:
         click.echo(f"--resume: the run in {summary.out} is already finished "
-                   f"({summary.epochs_done} epochs, step {last.get('step')}); nothing to train. "
+                   f"({epochs_text(summary.epochs_done)}, step {last.get('step')}); nothing to train. "
                    "Pass a larger --epochs to train it further")
-    click.echo(f"run {summary.run_id}: {summary.epochs_done} epochs, step {last.get('step')}, "
+    click.echo(f"run {summary.run_id}: {epochs_text(summary.epochs_done)}, step {last.get('step')}, "
                f"output in {summary.out}")
     best = "none" if summary.best_epoch is None else f"epoch {summary.best_epoch + 1}"
     if summary.ray_log:

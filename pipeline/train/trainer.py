@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline import storage
+from pipeline.data.label_counts import label_counts
 from pipeline.config import (TrainConfig, check_batch_fits, check_resources, load_config,
                              resume_conflicts, to_yaml)
 from pipeline.errors import UserError
@@ -85,13 +86,14 @@ def preflight(cfg: TrainConfig) -> dict:
 
     # Every shard's size and sha256 now, before OUT gets anything: a corrupt shard must not
     # leave a config.yaml behind that makes the rerun "already hold a run".
-    manifest = load_manifest(cfg.data, verify=True)
+    manifest = load_manifest(cfg.data, verify=True, flag="--data")
     for split in ("train", "val"):
         if not manifest.get("splits", {}).get(split):
             raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
                             f"non-zero {split} fraction")
+    counts = label_counts(cfg.data, manifest)
     for split in ("train", "val"):
-        if not has_labeled_window(cfg.data, manifest, split):
+        if not counts.get(split, {}).get("labeled"):
             raise UserError(
                 f"{cfg.data}: the {split} split has no labeled window (all "
                 f"{manifest['splits'][split]} are unlabeled), so every training loss would be 0. "
@@ -113,29 +115,17 @@ def preflight(cfg: TrainConfig) -> dict:
     return manifest
 
 
-def has_labeled_window(data: str, manifest: dict, split: str) -> bool:
-    """Whether any window of `split` has a label (unlabeled rows hold label -1). The manifest
-    counts rows, not labels, so ask the shards: their Parquet footers keep the `label` column's
-    min/max per row group, and only a row group without statistics has that column read."""
-    import pyarrow.parquet as pq
-
-    from pipeline.data.manifest import shard_uri
-    for shard in manifest["shards"]:
-        if shard["split"] != split or not shard["rows"]:
-            continue
-        fs, path = storage.resolve(shard_uri(data, shard))
-        with storage.user_errors(shard_uri(data, shard)), fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            column = pf.schema_arrow.get_field_index("label")
-            for i in range(pf.metadata.num_row_groups):
-                stats = pf.metadata.row_group(i).column(column).statistics
-                if stats is not None and stats.has_min_max:
-                    if stats.max >= 0:
-                        return True
-                elif (pf.read_row_group(i, columns=["label"]).column(0).to_numpy() >= 0).any():
-                    return True
-    return False
-
+def apply_auto_loss_weights(cfg: TrainConfig, manifest: dict) -> list[str]:
+    """Turn `loss.span_pos_weight: auto` and `loss.type_class_weight: auto` into the numbers of
+    this data's train split (manifest label counts), in `cfg` itself, before config.yaml is
+    written: the run, its record and a resume all see the numbers used. Returns what to print."""
+    from pipeline.reducer.losses import resolve_auto_weights
+    train = label_counts(cfg.data, manifest).get("train", {})
+    resolved = resolve_auto_weights(cfg.loss, train, cfg.model.num_classes)
+    for key, value in resolved.items():
+        setattr(cfg.loss, key, value)
+    return [f"loss.{key}: auto -> {value} (from the train split's label counts)"
+            for key, value in resolved.items()]
 
 def record_metric_keys(tasks, num_classes: int) -> set[str]:
     """The numeric keys (dotted) every metrics.jsonl record will have, known before training."""
@@ -474,7 +464,8 @@ def interrupted(cfg: TrainConfig, report: RunReport, signum: int) -> RunInterrup
     records = rundir.read_metrics(cfg.out)
     written = None
     if records:
-        print(f"\n{how}: writing the report of the {len(records)} finished epoch(s) "
+        print(f"\n{how}: writing the report of the {len(records)} finished "
+              f"epoch{'' if len(records) == 1 else 's'} "
               "(Ctrl-C again skips it)", file=sys.stderr, flush=True)
         try:
             written = report.write(records)
@@ -483,7 +474,8 @@ def interrupted(cfg: TrainConfig, report: RunReport, signum: int) -> RunInterrup
     point = resume_point(cfg)
     where = (f"a --resume continues from {point[0]} (step {point[1]['step']})" if point else
              "no whole checkpoint yet, so a --resume starts it fresh")
-    shown = f"; report of {len(records)} epoch(s): {written}" if written else ""
+    shown = f"; report of {len(records)} epoch{'' if len(records) == 1 else 's'}: {written}" \
+        if written else ""
     return RunInterrupted(
         f"training interrupted by {how}; {cfg.out} keeps the run: {where}{shown}. Continue "
         f"with `moola-pipeline train --out {cfg.out} --resume`", signum)
@@ -554,7 +546,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, overrides: dict | None 
         done = finished_run(cfg, point)
         if done is not None:
             return done
-    preflight(cfg)
+    manifest = preflight(cfg)
+    for line in apply_auto_loss_weights(cfg, manifest):
+        say(line)
     if resume:
         say(describe_resume(cfg, point))
     if cfg.cluster.workers > 0:
