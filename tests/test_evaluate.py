@@ -64,6 +64,11 @@ def test_evaluate_writes_metrics_intervals_baselines_and_lift(run):
     assert m["type.accuracy"]["baselines"]["majority"]["value"] == pytest.approx(
         float((labeled == majority).mean()))
     assert m["type.balanced_accuracy"]["baselines"]["majority"]["value"] == pytest.approx(0.5)
+    # the class-prior draw, in expectation: recall of class k is p_k, accuracy sum_k share_k p_k
+    prior = np.bincount(train_labels[train_labels >= 0], minlength=2) / (train_labels >= 0).sum()
+    share = np.bincount(labeled, minlength=2) / len(labeled)
+    assert m["type.accuracy"]["baselines"]["prior"]["value"] == pytest.approx(float(share @ prior))
+    assert m["type.balanced_accuracy"]["baselines"]["prior"]["value"] == pytest.approx(0.5)
     # a constant span probability separates nothing
     assert m["span.prob_separation"]["baselines"]["base_rate"]["value"] == pytest.approx(0.0, abs=1e-9)
 
@@ -143,3 +148,19 @@ def test_events_are_decoded_runs_matched_by_iou():
     rows = event_rows(prob, batch, 0.5)
     assert rows[0].tolist() == [1.0, 1.0, 1.0]
     assert rows[1].tolist() == pytest.approx([0.2, 0.0, 1.0])
+
+
+def test_the_run_records_the_auto_loss_weights_of_its_train_split(run):
+    """`loss.*: auto` became the numbers of the manifest's train label counts, in config.yaml."""
+    import yaml
+
+    from pipeline.config import LossSection
+    from pipeline.reducer.losses import resolve_auto_weights
+    out, data = run
+    saved = yaml.safe_load((out / "config.yaml").read_text())["loss"]
+    counts = json.loads((out / "manifest.json").read_text())["label_counts"]["train"]
+    expected = resolve_auto_weights(LossSection(), counts, num_classes=3)
+    assert saved["span_pos_weight"] == pytest.approx(expected["span_pos_weight"])
+    assert saved["type_class_weight"] == pytest.approx(expected["type_class_weight"])
+    assert saved["span_pos_weight"] == pytest.approx(
+        counts["out_span_bars"] / counts["in_span_bars"], rel=1e-3)

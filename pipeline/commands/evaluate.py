@@ -18,7 +18,7 @@ import click
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Bootstrap resamples of the windows for the 95% intervals (0: none).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Seed of the resampling and of the class-prior baseline.")
+              help="Seed of the bootstrap resampling.")
 @click.option("--out", metavar="URI", help="Where to write the JSON. [RUN/eval/SPLIT.json]")
 def evaluate(run, split, checkpoint, bootstrap, seed, out):
     """Score a run's checkpoint on a split against naive baselines fitted on train."""
@@ -32,19 +32,11 @@ def evaluate(run, split, checkpoint, bootstrap, seed, out):
     click.echo(f"report: {write_report(run)}")
 
 
-def _fmt(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    text = f"{entry['value']:.3f}"
-    if entry.get("low") is not None:
-        text += f" [{entry['low']:.3f}, {entry['high']:.3f}]"
-    return text
-
-
 def render_table(result: dict) -> str:
     """The evaluation as a plain-text table (rich, no colour: it also goes to logs)."""
     import io
 
+    from pipeline.evaluate.evaluate import interval_text
     from rich.console import Console
     from rich.table import Table
 
@@ -60,8 +52,9 @@ def render_table(result: dict) -> str:
     for metric, entry in result["metrics"].items():
         best = entry.get("best_baseline")
         arrow = "" if entry["higher_is_better"] else " (lower)"
-        table.add_row(metric + arrow, _fmt(entry), best or "-",
-                      _fmt(entry["baselines"].get(best)) if best else "-", _fmt(entry.get("lift")))
+        baseline = interval_text(entry["baselines"].get(best)) if best else "-"
+        table.add_row(metric + arrow, interval_text(entry), best or "-", baseline,
+                      interval_text(entry.get("lift")))
     buf = io.StringIO()
     Console(file=buf, width=140, no_color=True, force_terminal=False).print(table)
     return (buf.getvalue().rstrip() + "\nlift: how much better than the best baseline (positive "

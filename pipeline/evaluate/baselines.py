@@ -3,8 +3,9 @@
 Each baseline returns model-shaped outputs (logits, pointers, countdown) for the evaluated
 windows, so it is scored by exactly the same code as the model:
 
-- type: `majority` (always the most frequent train class) and `prior` (a class drawn from the
-  train class frequencies, seeded);
+- type: `majority` (always the most frequent train class) and `prior` (a class drawn at random
+  from the train class frequencies, scored by its expected confusion matrix: each window adds
+  p_j to (true class, j), so the figure is the draw's expectation, not one lucky draw);
 - span: `base_rate` (every bar at the train in-span fraction) and `positional` (each bar position
   at its train in-span frequency: expansions cluster at some positions);
 - pointer: `train_mean` (the train-mean center and length for every window);
@@ -22,6 +23,7 @@ from pipeline.reducer.targets import countdown_target, pointer_target, span_targ
 TASK_BASELINES = {"type": ("majority", "prior"), "span": ("base_rate", "positional"),
                   "pointer": ("train_mean",), "countdown": ("position_mean",)}
 EPS = 1e-6
+PRIOR_KEY = "type_prior"  # outputs key of class probabilities scored by expected confusion
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -32,8 +34,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 class Baselines:
     """Statistics of the train split; `outputs(name, n)` gives a baseline's predictions."""
 
-    def __init__(self, train: dict[str, np.ndarray], num_classes: int, countdown_scale: str,
-                 seed: int = 0):
+    def __init__(self, train: dict[str, np.ndarray], num_classes: int, countdown_scale: str):
         label = np.asarray(train["label"])
         start = torch.as_tensor(np.asarray(train["expansion_start"]))
         end = torch.as_tensor(np.asarray(train["expansion_end"]))
@@ -43,7 +44,7 @@ class Baselines:
         in_span = span_target(start, end).numpy() > 0.5
         counts = np.bincount(label[labeled], minlength=num_classes).astype(float)
         self.prior = counts / max(counts.sum(), 1)
-        self.num_classes, self.seed = num_classes, seed
+        self.num_classes = num_classes
         self.base_rate = float((in_span & bars).sum() / max(bars.sum(), 1))
         per_bar = bars.sum(0)
         self.positional = np.where(per_bar > 0, (in_span & bars).sum(0) / np.maximum(per_bar, 1),
@@ -57,9 +58,8 @@ class Baselines:
         if name == "majority":
             return {"type_logits": np.tile(np.eye(self.num_classes)[int(np.argmax(self.prior))],
                                            (n, 1))}
-        if name == "prior":
-            draws = np.random.default_rng(self.seed).choice(self.num_classes, n, p=self.prior)
-            return {"type_logits": np.eye(self.num_classes)[draws]}
+        if name == "prior":  # not logits: `windows.window_rows` scores it in expectation
+            return {PRIOR_KEY: np.tile(self.prior, (n, 1))}
         if name == "base_rate":
             return {"span_logits": np.full((n, len(self.positional)), _logit(np.array(self.base_rate)))}
         if name == "positional":

@@ -49,7 +49,7 @@ def evaluate_run(run: str, split: str = "test", checkpoint: str = "best", bootst
     rows = {"model": window_rows(test_out, test_batch, tasks, classes, scale, threshold)}
     thresholds = {"model": threshold}
     train = split_labels(cfg.data, "train")
-    baselines = Baselines(train, classes, scale, seed=seed)
+    baselines = Baselines(train, classes, scale)
     n = len(test_batch["label"])
     for task in tasks:
         for name in TASK_BASELINES[task]:
@@ -212,6 +212,16 @@ def _intervals(rows: dict[str, np.ndarray], thresholds: dict, tasks, classes: in
                              **_ci(lifts)}
         out[metric] = entry
     return out
+
+
+def interval_text(entry: dict | None) -> str:
+    """`0.712 [0.601, 0.815]`, `0.712` without an interval, `-` without a value."""
+    if not entry or entry.get("value") is None:
+        return "-"
+    text = f"{entry['value']:.3f}"
+    if entry.get("low") is not None:
+        text += f" [{entry['low']:.3f}, {entry['high']:.3f}]"
+    return text
 
 
 def _ci(values: list) -> dict:

@@ -16,7 +16,8 @@ import functools
 import numpy as np
 import torch
 
-from pipeline.train.metrics import TaskMetrics
+from pipeline.evaluate.baselines import PRIOR_KEY
+from pipeline.train.metrics import CONFUSION_OFFSET, TaskMetrics
 
 EVENT_COLUMNS = ("event_iou", "event_hit", "event_n")
 EVENT_IOU_HIT = 0.5  # an expansion is found when a decoded run overlaps it with IoU >= 0.5
@@ -37,6 +38,12 @@ def window_rows(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray], ta
                           span_threshold=threshold)
     width = metrics.state().numel()
     rows = np.zeros((n, width + len(EVENT_COLUMNS)))
+    if PRIOR_KEY in outputs:  # a random predictor in expectation: p_j into (true class, j)
+        label = np.asarray(batch["label"])
+        for i in np.flatnonzero(label >= 0):
+            start = CONFUSION_OFFSET + label[i] * num_classes
+            rows[i, start:start + num_classes] = outputs[PRIOR_KEY][i]
+        return rows
     tensors_out = {k: torch.as_tensor(v) for k, v in outputs.items()}
     tensors_in = {k: torch.as_tensor(v) for k, v in batch.items()}
     for i in range(n):

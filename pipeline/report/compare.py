@@ -87,7 +87,7 @@ def _run_table(runs: list[Run]) -> str:
 def _evaluation_table(runs: list[Run]) -> list[str]:
     """Each run's `evaluate` figures on test, side by side with their intervals and lift."""
     from pipeline.evaluate import METRICS
-    from pipeline.report.html import _interval
+    from pipeline.evaluate.evaluate import interval_text
     evaluated = [(i, r, r.evaluations["test"]) for i, r in enumerate(runs) if "test" in r.evaluations]
     if not evaluated:
         return ['<p class="sub">No run has been evaluated on test yet '
@@ -99,8 +99,8 @@ def _evaluation_table(runs: list[Run]) -> list[str]:
         entries = [e["metrics"].get(metric) for _, _, e in evaluated]
         if not any(entries):
             continue
-        rows.append([metric, *[cell for entry in entries
-                               for cell in (_interval(entry), _interval((entry or {}).get("lift")))]])
+        cells = [(interval_text(e), interval_text((e or {}).get("lift"))) for e in entries]
+        rows.append([metric, *[cell for pair in cells for cell in pair]])
     return ["<h2>Test metrics (evaluate)</h2>",
             '<p class="sub">95% bootstrap intervals over the test windows; lift over the best '
             'naive baseline (positive = better). Intervals that overlap do not separate runs.</p>',

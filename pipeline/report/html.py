@@ -89,17 +89,9 @@ def render_report(run: Run) -> str:
     return page(f"moola run {run.name}", body)
 
 
-def _interval(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    text = f"{entry['value']:.3f}"
-    if entry.get("low") is not None:
-        text += f" [{entry['low']:.3f}, {entry['high']:.3f}]"
-    return text
-
-
 def _evaluation_section(run: Run) -> list[str]:
     """`evaluate`'s table per split (test first), and the span threshold chosen on val."""
+    from pipeline.evaluate.evaluate import interval_text
     out = []
     if run.threshold:
         out.append(f"<p>Span threshold <b>{run.threshold['span_threshold']:.2f}</b>, chosen on "
@@ -109,9 +101,9 @@ def _evaluation_section(run: Run) -> list[str]:
         title = f"Evaluation on {split} ({result['windows']} windows, {esc(result['checkpoint'])})"
         if result.get("selection_split"):
             title += ": selection split, optimistic"
-        rows = [[metric + ("" if e["higher_is_better"] else " (lower is better)"), _interval(e),
+        rows = [[metric + ("" if e["higher_is_better"] else " (lower is better)"), interval_text(e),
                  e.get("best_baseline") or "-",
-                 _interval(e["baselines"].get(e.get("best_baseline"))), _interval(e.get("lift"))]
+                 interval_text(e["baselines"].get(e.get("best_baseline"))), interval_text(e.get("lift"))]
                 for metric, e in result["metrics"].items()]
         out += [f"<h2>{title}</h2>",
                 table(["metric", "model [95% CI]", "best baseline", "baseline [95% CI]",

@@ -57,6 +57,7 @@ _SLOTS = [
     "cd_abs", "cd_n",
 ]
 _S = {name: i for i, name in enumerate(_SLOTS)}
+CONFUSION_OFFSET = len(_SLOTS)  # where the C x C type confusion matrix starts in the state
 
 
 def _ratio(num: float, den: float) -> float:
