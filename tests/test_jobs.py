@@ -139,10 +139,10 @@ def test_a_failed_train_job_is_reported_with_its_own_error_line(ray_cluster, tmp
                 "--data", str(tmp_path / "no-shards"), "--out", str(tmp_path / "run"),
                 "--workers", "0", "--epochs", "1", timeout=240)
     job_id = _job_id(proc)
-    assert_user_error(proc, f"job {job_id} failed: {tmp_path / 'no-shards'}: not found",
+    assert_user_error(proc, f"job {job_id} failed: --data {tmp_path / 'no-shards'}: not found",
                       "moola-pipeline data build")
     status = _cli(ray_cluster, "status", job_id, "--address", ray_cluster.dashboard_url)
-    assert_user_error(status, f"job {job_id} failed: {tmp_path / 'no-shards'}: not found, so no "
+    assert_user_error(status, f"job {job_id} failed: --data {tmp_path / 'no-shards'}: not found, so no "
                               "shard set here", f"`moola-pipeline logs {job_id}`")
     assert "exit code" not in status.stderr and "error: error:" not in status.stderr
     assert [line for line in status.stderr.splitlines() if line.strip()] == \

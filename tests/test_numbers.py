@@ -45,9 +45,14 @@ def make_shards(path, n_train: int, n_val: int, labeled_fraction: float = 0.7) -
 
 
 def pooled_val_loss(data: str, checkpoint_dir) -> dict[str, float]:
-    """The checkpoint's per-task loss on the whole val split as ONE batch (eval mode)."""
+    """The checkpoint's per-task loss on the whole val split as ONE batch (eval mode), with the
+    run's own loss config (its auto weights resolved in config.yaml)."""
+    from dataclasses import asdict
+
+    from pipeline.config import load_config
     state = read_state(str(checkpoint_dir))
-    mt = MultiTaskModel.build(JadeConfig(**state["model_config"]), LossConfig())
+    run_cfg = load_config(str(checkpoint_dir.parent / "config.yaml"))
+    mt = MultiTaskModel.build(JadeConfig(**state["model_config"]), LossConfig(**asdict(run_cfg.loss)))
     mt.load_state_dict(state["multitask"])
     mt.eval()
     loader = ShardLoader(data, "val", batch_size=10_000, seed=0, shuffle=False, verify=False)
@@ -57,8 +62,8 @@ def pooled_val_loss(data: str, checkpoint_dir) -> dict[str, float]:
         return {t: float(v) for t, v in task_losses(out, batch, mt.loss_cfg).items()}
 
 
-def end_checkpoint(out, record) -> str:
-    return str(out / checkpoint_name(record["epoch"] + 1, record["step"]))
+def end_checkpoint(out, record):
+    return out / checkpoint_name(record["epoch"] + 1, record["step"])
 
 
 # ---- 1. epoch losses are per-element means, not means of per-batch means -------------------
