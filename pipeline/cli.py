@@ -20,6 +20,8 @@ COMMANDS = [
     ("data", "data"),
     ("train", "train"),
     ("evaluate", "evaluate"),
+    ("predict", "predict"),
+    ("export", "export"),
     ("jobs", "submit"),
     ("jobs", "status"),
     ("jobs", "logs"),

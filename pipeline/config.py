@@ -130,6 +130,7 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     run_id: str = ""              # unique per run; set when the run is created
+    fold: int | None = None       # train on this cross-validation fold of the data (issue 13)
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)

@@ -92,10 +92,8 @@ def test_the_threshold_chosen_on_val_is_applied_unchanged_on_test(run, tmp_path)
     result = evaluate_run(str(out), bootstrap=0, out=str(tmp_path / "t.json"))
     assert result["span_threshold"] == stored
     # the test span F1 is the one at that threshold, recomputed independently
-    from pipeline.evaluate.evaluate import _checkpoint, _model
-    from pipeline.config import load_config
-    _, state = _checkpoint(str(out), "best")
-    model, _ = _model(state, load_config(str(out / "config.yaml")))
+    from pipeline.trained_run import open_run
+    model = open_run(str(out), "best").model
     outputs, batch = predict(model, data, "test")
     metrics = TaskMetrics(("span",), span_threshold=stored)
     metrics.update({k: torch.as_tensor(v) for k, v in outputs.items()},

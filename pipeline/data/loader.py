@@ -56,7 +56,9 @@ class ShardLoader:
     def __init__(self, uri: str, split: str, rank: int = 0, world_size: int = 1,
                  batch_size: int = 32, seed: int = 0, drop_last: bool = False,
                  shuffle: bool = True, shuffle_row_groups: int = DEFAULT_SHUFFLE_ROW_GROUPS,
-                 with_ohlc: bool = False, verify: bool = True):
+                 with_ohlc: bool = False, verify: bool = True, fold: int | None = None):
+        if fold is not None:  # TODO(issue 13): the fold's train / test block as the split
+            raise UserError(f"fold {fold}: {uri} has no fold assignments yet")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:

@@ -9,9 +9,7 @@ process: a 97k-parameter model scores a few thousand windows in a second; no Ray
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -21,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate.baselines import TASK_BASELINES, Baselines
 from pipeline.evaluate.threshold import choose_threshold, read_threshold
 from pipeline.evaluate.windows import metrics_of, window_rows
+from pipeline.trained_run import build_model, read_checkpoint, run_files
 
 EVAL_DIR = "eval"
 # metric -> +1 when higher is better, -1 when lower is better (lift is "better by", either way)
@@ -37,10 +36,10 @@ SELECTION_NOTE = ("val is the selection split: the checkpoint and the span thres
 
 def evaluate_run(run: str, split: str = "test", checkpoint: str = "best", bootstrap: int = 1000,
                  seed: int = 0, out: str | None = None) -> dict:
-    cfg, manifest = _run_files(run)
+    cfg, manifest = run_files(run)
     _check_split(cfg.data, manifest, split)
-    ckpt_name, state = _checkpoint(run, checkpoint)
-    model, loss_cfg = _model(state, cfg)
+    ckpt_name, state = read_checkpoint(run, checkpoint)
+    model, loss_cfg = build_model(state, cfg)
     tasks, classes, scale = model.tasks, model.model.cfg.num_classes, loss_cfg.countdown_scale
     val_out, val_batch = predict(model, cfg.data, "val")
     test_out, test_batch = (val_out, val_batch) if split == "val" else predict(model, cfg.data, split)
@@ -77,18 +76,6 @@ def evaluate_run(run: str, split: str = "test", checkpoint: str = "best", bootst
 
 # ------------------------------------------------------------------------------- steps
 
-def _run_files(run: str):
-    from pipeline.config import load_config
-    from pipeline.train import rundir
-    config_uri = storage.join(run, rundir.CONFIG)
-    if not storage.exists(config_uri):
-        raise UserError(f"{run}: not a run directory ({rundir.CONFIG} missing)")
-    cfg = load_config(config_uri)
-    manifest_uri = storage.join(run, rundir.MANIFEST)
-    manifest = json.loads(storage.read_bytes(manifest_uri)) if storage.exists(manifest_uri) else {}
-    return cfg, manifest
-
-
 def _check_split(data: str, manifest: dict, split: str) -> None:
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: use test or val")
@@ -98,41 +85,6 @@ def _check_split(data: str, manifest: dict, split: str) -> None:
                             f"`moola-pipeline data shard ... --test-fraction 0.2` and train on "
                             f"that, or evaluate the selection split with --split val")
         raise UserError(f"{data} has no val split")
-
-
-def _checkpoint(run: str, which: str) -> tuple[str, dict]:
-    from pipeline.train.checkpoint import META_FILE, STATE_FILE, checkpoint_name
-    from pipeline.train.rundir import checkpoint_dirs, read_metrics
-    whole = [n for n in checkpoint_dirs(run) if storage.exists(storage.join(run, n, META_FILE))]
-    if which == "best":
-        records = read_metrics(run)
-        best = records[-1].get("best_epoch") if records else None
-        if best is None:
-            raise UserError(f"{run}: no best checkpoint (no epoch was scored); use "
-                            f"--checkpoint latest")
-        record = next(r for r in records if r["epoch"] == best)
-        name = checkpoint_name(best + 1, record["step"])
-    elif which == "latest":
-        if not whole:
-            raise UserError(f"{run}: no whole checkpoint to evaluate")
-        name = whole[-1]
-    else:
-        name = which
-    if name not in whole:
-        raise UserError(f"--checkpoint {which}: {run} has no whole checkpoint {name} "
-                        f"(it has: {', '.join(whole) or 'none'})")
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(run, name, STATE_FILE))),
-                       map_location="cpu", weights_only=False)
-    return name, state
-
-
-def _model(state: dict, cfg):
-    from pipeline.model import JadeConfig
-    from pipeline.reducer import LossConfig, MultiTaskModel
-    loss_cfg = LossConfig(**asdict(cfg.loss))
-    model = MultiTaskModel.build(JadeConfig(**state["model_config"]), loss_cfg)
-    model.load_state_dict(state["multitask"])
-    return model.eval(), loss_cfg
 
 
 def predict(model, data: str, split: str, batch_size: int = 512) -> tuple[dict, dict]:

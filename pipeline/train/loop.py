@@ -72,9 +72,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = load_manifest(cfg.data, verify=True)  # every shard's sha256, once per worker
     manifest_hash = _manifest_hash(manifest)
     train_loader = ShardLoader(cfg.data, "train", batch_size=t.batch_size, seed=seed,
-                               verify=False)
+                               fold=cfg.fold, verify=False)
     val_loader = ShardLoader(cfg.data, "val", batch_size=t.batch_size, seed=seed,
-                             shuffle=False, with_ohlc=True, verify=False)
+                             shuffle=False, with_ohlc=True, fold=cfg.fold, verify=False)
     steps_per_epoch = len(train_loader)
 
     # Model: the same seed on every rank gives the same initial weights (DDP also broadcasts
