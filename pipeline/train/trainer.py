@@ -183,6 +183,7 @@ def init_ray(cfg: TrainConfig, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     if c.address is None:
+        _hush_token_auth_notice()
         need = c.workers * c.cpus_per_worker + 1  # + the Train controller
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                  include_dashboard=False, log_to_driver=not quiet_ray(cfg, verbose),
@@ -197,6 +198,26 @@ def init_ray(cfg: TrainConfig, verbose: bool = False) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--address {c.address}: cannot join the Ray cluster ({first}); check "
                         "the address and, with token auth, RAY_AUTH_TOKEN") from None
+
+
+class _TokenAuthNotice:
+    """Drops Ray 2.60's "Token authentication is enabled for this Ray cluster. Set
+    RAY_AUTH_MODE=disabled to opt out" warning, logged by every local ray.init(): token auth on
+    a local cluster is what we want, and the notice, on the console of every run, says nothing a
+    user should act on. Other authentication warnings (disabled, missing token) pass."""
+
+    TEXT = "Token authentication is enabled for this Ray cluster"
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.TEXT)
+
+
+def _hush_token_auth_notice() -> None:
+    import logging
+    from ray._private.authentication import authentication_token_setup as setup
+    logger = logging.getLogger(setup.__name__)
+    if not any(isinstance(f, _TokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_TokenAuthNotice())
 
 
 def _probe_gcs(address: str, timeout_s: float = 5.0) -> None:
