@@ -54,12 +54,12 @@ def label_counts(uri: str, manifest: dict) -> dict[str, dict]:
         return manifest["label_counts"]
     from pipeline.data.manifest import shard_uri
     from pipeline.data.shard_check import _open
+    from pipeline.data.shards import binary_view
     counts: dict[str, LabelCounts] = {}
     for shard in manifest["shards"]:
         table = _open(shard_uri(uri, shard)).read(
             columns=["label", "expansion_start", "expansion_end", "valid"])
-        valid = np.frombuffer(table.column("valid").combine_chunks().buffers()[1], np.uint8,
-                              count=table.num_rows * WINDOW)
+        valid = binary_view(table.column("valid"), np.uint8, (WINDOW,))
         count_chunks(counts, shard["split"], {k: table.column(k).to_numpy() for k in
                                               ("label", "expansion_start", "expansion_end")}
                      | {"valid": valid})
