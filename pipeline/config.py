@@ -160,6 +160,8 @@ class TrainConfig:
             bad("no output: pass --out URI (the run directory)")
         for flag, uri in (("--data", self.data), ("--out", self.out)):
             _check_uri(bad, flag, uri)
+        if self.fold is not None and self.fold < 0:  # against the data's folds: check_fold
+            bad(f"fold (--fold) must be >= 0 (a fold of the data's manifest), got {self.fold}")
         if t.seed < 0:
             bad(f"train.seed (--seed) must be >= 0, got {t.seed}")
         _positive(bad, "train.epochs (--epochs)", t.epochs)
@@ -493,7 +495,7 @@ def resume_conflicts(saved: TrainConfig, new: TrainConfig) -> list[str]:
     a, b = saved.to_dict(), new.to_dict()
     keys = [f"model.{k}" for k in a["model"]] + [f"loss.{k}" for k in a["loss"]]
     keys += [f"train.{k}" for k in OPTIMISATION_KEYS]
-    keys += ["data"]
+    keys += ["data", "fold"]
     out = []
     for key in keys:
         sec, _, name = key.partition(".")

@@ -78,6 +78,19 @@ def shard_options(f):
                      show_default=True, help="Rows per Parquet shard file."),
         click.option("--split-seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the group split's shuffle."),
+        click.option("--folds", type=int, default=None, metavar="K",
+                     help="Cross-validation folds over the windows outside the test split, "
+                          "written into the manifest (train on one with `train --fold I`)."),
+        click.option("--fold-scheme", type=click.Choice(["purged-kfold", "walk-forward", "cpcv"]),
+                     default=None,
+                     help="purged-kfold: K time groups, each tested once; walk-forward: train "
+                          "only on the past; cpcv: every choice of --test-groups of K groups. "
+                          "[purged-kfold]"),
+        click.option("--embargo", type=int, default=None, metavar="BARS",
+                     help="Folds: train windows starting within BARS bars after a test block "
+                          "are dropped (and counted). [105; walk-forward: none]"),
+        click.option("--test-groups", type=int, default=None, metavar="N",
+                     help="cpcv: test groups per fold (C(K, N) folds). [2]"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -85,17 +98,23 @@ def shard_options(f):
 
 
 def run_shard(in_uri: str, out: str, feature_set: str, split_policy: str, val_fraction: float,
-              test_fraction: float, rows_per_shard: int, split_seed: int) -> dict:
+              test_fraction: float, rows_per_shard: int, split_seed: int, folds: int | None,
+              fold_scheme: str | None, embargo: int | None, test_groups: int | None) -> dict:
+    from pipeline.data.folds import FOLDS_KEY, fold_spec
     from pipeline.data.shard_dataset import shard_dataset
 
+    spec = fold_spec(folds, fold_scheme, embargo, test_groups)  # bad flags: before any work
     with progress_reporter() as progress:
         manifest = shard_dataset(in_uri, out, feature_set=feature_set, split_policy=split_policy,
                                  val_fraction=val_fraction, test_fraction=test_fraction,
-                                 seed=split_seed, rows_per_shard=rows_per_shard, progress=progress)
+                                 seed=split_seed, rows_per_shard=rows_per_shard, folds=spec,
+                                 progress=progress)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["splits"].items())
     click.echo(f"wrote {len(manifest['shards'])} shards to {out}: {counts} "
                f"({len(manifest['features'])} features, {feature_set})")
     click.echo(manifest["split_summary"])
+    if FOLDS_KEY in manifest:
+        click.echo(manifest[FOLDS_KEY]["summary"])
     return manifest
 
 
@@ -159,9 +178,14 @@ def validate(uri: str) -> None:
         more = f" ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise UserError(f"{uri}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
                         f"{listed}{more}")
+    from pipeline.data.folds import FOLDS_KEY
+
     counts = ", ".join(f"{k} {v['windows']}" for k, v in stats.items())
+    layout = manifest.get(FOLDS_KEY)
+    fold_text = (f"; {layout['n_folds']} {layout['scheme']} folds checked (no shared bar or "
+                 f"group, embargo, counts)") if layout else ""
     click.echo(f"{uri}: ok: {len(manifest['shards'])} shards, sha256 verified, {counts}; "
-               f"schema, label ranges, finite features and no leakage checked")
+               f"schema, label ranges, finite features and no leakage checked{fold_text}")
 
 
 @data.command()
@@ -201,6 +225,8 @@ def inspect(uri: str) -> None:
         means.add_row(name, *(f"{s['feature_means'][i]:.4f}" for s in stats.values()))
     console.print(means)
 
+    _print_folds(console, manifest)
+
     shards = Table(title="shards")
     for col in ("path", "split", "rows", "row groups", "MB", "sha256"):
         shards.add_column(col, justify="right" if col in ("rows", "row groups", "MB") else "left")
@@ -208,3 +234,28 @@ def inspect(uri: str) -> None:
         shards.add_row(s["path"], s["split"], str(s["rows"]), str(len(s["row_group_rows"])),
                        f"{s['bytes'] / 1e6:.1f}", s["sha256"][:16])
     console.print(shards)
+
+
+def _print_folds(console, manifest: dict) -> None:
+    """Per fold: its test groups and train/test/purged/embargoed/unused counts; cpcv's paths."""
+    from rich.table import Table
+
+    from pipeline.data.folds import FOLDS_KEY, STATUS
+
+    layout = manifest.get(FOLDS_KEY)
+    if not layout:
+        return
+    console.print(layout.get("summary", ""))
+    table = Table(title=f"folds ({layout['scheme']}; val of a fold = its test block)")
+    table.add_column("fold", justify="right")
+    table.add_column("test groups", justify="right")
+    for name in ("train", "test", "purged", "embargoed", "unused"):
+        table.add_column(name, justify="right")
+    for a in layout["assignments"]:
+        table.add_row(str(a["fold"]), ",".join(map(str, a["test_groups"])),
+                      *(str(a["counts"][name]) for name in STATUS[1:] + STATUS[:1]))
+    console.print(table)
+    if layout["scheme"] == "cpcv":
+        for p, path in enumerate(layout["paths"]):
+            console.print(f"path {p}: folds " + " ".join(str(f) for f in path)
+                          + " (one per group, in group order)")

@@ -41,6 +41,8 @@ def render_table(result: dict) -> str:
     from rich.table import Table
 
     split = result["split"]
+    if result.get("fold") is not None:
+        split = f"fold {result['fold']} {split}" + (" (its test block)" if split == "val" else "")
     title = (f"{split} ({result['windows']} windows), checkpoint {result['checkpoint']}, "
              f"span threshold {result['span_threshold']:.2f}")
     if result["selection_split"]:

@@ -20,6 +20,7 @@ FLAG_KEYS = {
     "batch_size": "train.batch_size", "lr": "train.lr", "balance": "loss.weighting",
     "seed": "train.seed", "checkpoint_every": "train.checkpoint_every_steps",
     "best_metric": "train.best_metric", "patience": "train.early_stop_patience",
+    "fold": "fold",
 }
 
 
@@ -43,6 +44,9 @@ FLAG_KEYS = {
 @click.option("--best-metric", metavar="KEY",
               help="Metrics-record key that picks the best checkpoint. [val_loss]")
 @click.option("--patience", type=int, help="Early stopping: epochs without improvement. [0: off]")
+@click.option("--fold", type=int, metavar="I",
+              help="Train on cross-validation fold I of --data (from `data shard --folds K`); "
+                   "its val is the fold's test block.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped.")
 # Console only, not a run setting: kept out of the command's params (ctx.meta instead), which
 # `submit` maps onto config keys.

@@ -27,6 +27,14 @@ that epoch from its first batch, and with the current epoch keeps a resumed posi
 
 Batches: dict of torch tensors built from `np.frombuffer` views of the fixed_size_binary column
 buffers and one numpy gather per (batch, row group): no per-sample Python work.
+
+Folds (`fold=I`, pipeline/data/folds.py): "train" is fold I's train windows and "val" its test
+block, both drawn from the shards of the splits the folds cover (train and val, their rows
+concatenated in index order: the row space) through a row mask; "test" stays the whole test
+split. The contract holds for the fold's windows: the block shuffle runs over the row groups
+holding any of them, and `index` in a batch is the row's position in the row space (a train
+shard row keeps its index, a val shard row is offset by the train rows), unique per window, so
+merging val predictions by index keeps every window of a test block that spans both splits.
 No Ray here.
 """
 
@@ -40,7 +48,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
-from pipeline.data.manifest import WINDOW, load_manifest, manifest_uri, shard_uri, split_shards
+from pipeline.data import folds
+from pipeline.data.manifest import (WINDOW, load_manifest, manifest_uri, shard_uri, split_shards,
+                                    verify_shard)
 from pipeline.data.shards import binary_view
 from pipeline.errors import UserError
 
@@ -57,8 +67,6 @@ class ShardLoader:
                  batch_size: int = 32, seed: int = 0, drop_last: bool = False,
                  shuffle: bool = True, shuffle_row_groups: int = DEFAULT_SHUFFLE_ROW_GROUPS,
                  with_ohlc: bool = False, verify: bool = True, fold: int | None = None):
-        if fold is not None:  # TODO(issue 13): the fold's train / test block as the split
-            raise UserError(f"fold {fold}: {uri} has no fold assignments yet")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:
@@ -69,21 +77,45 @@ class ShardLoader:
         self.shuffle_row_groups = max(1, shuffle_row_groups)
         self.columns = COLUMNS + (["ohlc"] if with_ohlc else [])
 
-        self.manifest = load_manifest(self.uri, verify=verify, splits=(split,))
+        self.fold = fold
+        self.manifest = load_manifest(self.uri, verify=False)
+        read_splits, rows = folds.fold_rows(self.manifest, fold, split, self.uri)
         self.feature_names: list[str] = list(self.manifest["features"])
         self.n_features = len(self.feature_names)
-        self.shards = split_shards(self.manifest, split, manifest_uri(self.uri))
-        # One entry per row group of the split, in index order: (shard number, row group in it).
-        rg_rows = [n for s in self.shards for n in s["row_group_rows"]]
-        self._rg_shard = np.array([i for i, s in enumerate(self.shards) for _ in s["row_group_rows"]])
-        self._rg_local = np.array([j for s in self.shards for j in range(len(s["row_group_rows"]))])
-        self._rg_start = np.concatenate([[0], np.cumsum(rg_rows)]).astype(np.int64)
-        self.num_samples = int(self._rg_start[-1])
+        self.shards = [s for name in read_splits
+                       for s in split_shards(self.manifest, name, manifest_uri(self.uri))]
+        if verify:
+            for shard in self.shards:
+                verify_shard(self.uri, shard)
+        self._index_row_groups(rows)
+        self.num_samples = len(self._rows)
+        if self.num_samples == 0:
+            raise UserError(f"{uri}: fold {fold} has no {split} windows")
         self.pad = (-self.num_samples) % world_size
         self.samples_per_rank = (self.num_samples + self.pad) // world_size
         self.epoch = 0
         self.batches_consumed = 0
         self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+
+    def _index_row_groups(self, rows: np.ndarray | None) -> None:
+        """One entry per row group of the row space, in index order: its shard, its number in
+        that shard, its first position, and the offset of its split's rows (0 for one split);
+        then the samples (positions, sorted: all of them without a fold), the row groups that
+        hold any, and where each row group's samples start in `_rows`."""
+        rg_rows = [n for s in self.shards for n in s["row_group_rows"]]
+        self._rg_shard = np.array([i for i, s in enumerate(self.shards) for _ in s["row_group_rows"]])
+        self._rg_local = np.array([j for s in self.shards for j in range(len(s["row_group_rows"]))])
+        self._rg_start = np.concatenate([[0], np.cumsum(rg_rows)]).astype(np.int64)
+        split_offset, total = {}, 0
+        for shard in self.shards:
+            split_offset.setdefault(shard["split"], total)
+            total += shard["rows"]
+        self._rg_offset = np.array([split_offset[self.shards[i]["split"]] for i in self._rg_shard],
+                                   np.int64)
+        self._rows = np.arange(self._rg_start[-1], dtype=np.int64) if rows is None \
+            else np.asarray(rows, np.int64)
+        self._rg_rows_start = np.searchsorted(self._rows, self._rg_start)
+        self._rg_used = np.flatnonzero(np.diff(self._rg_rows_start) > 0)
 
     # ---- contract -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -100,10 +132,11 @@ class ShardLoader:
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
                 "split": self.split, "num_samples": self.num_samples,
-                "shuffle_row_groups": self.shuffle_row_groups}
+                "shuffle_row_groups": self.shuffle_row_groups, "fold": self.fold}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batch_size", "num_samples", "shuffle_row_groups"):
+        for key in ("fold", "seed", "world_size", "batch_size", "num_samples",
+                    "shuffle_row_groups"):
             if key in state and state[key] != getattr(self, key):
                 raise UserError(f"loader state has {key}={state[key]} but this loader has "
                                 f"{getattr(self, key)}; resume with the same data and settings")
@@ -112,18 +145,19 @@ class ShardLoader:
 
     # ---- order ------------------------------------------------------------------------------
     def epoch_order(self, epoch: int | None = None) -> np.ndarray:
-        """The padded global sample order of an epoch (split indices), identical on all ranks."""
+        """The padded global sample order of an epoch (positions in the row space: split indices
+        without a fold), identical on all ranks."""
         epoch = self.epoch if epoch is None else epoch
-        n_rg = len(self._rg_start) - 1
         if not self.shuffle:
-            order = np.arange(self.num_samples, dtype=np.int64)
+            order = self._rows.copy()
         else:
             rng = np.random.default_rng([self.seed, epoch])
-            rg_perm = rng.permutation(n_rg)
+            used = self._rg_used
+            rg_perm = used[rng.permutation(len(used))]
             blocks = []
-            for b in range(0, n_rg, self.shuffle_row_groups):
+            for b in range(0, len(used), self.shuffle_row_groups):
                 groups = rg_perm[b:b + self.shuffle_row_groups]
-                idx = np.concatenate([np.arange(self._rg_start[g], self._rg_start[g + 1])
+                idx = np.concatenate([self._rows[self._rg_rows_start[g]:self._rg_rows_start[g + 1]]
                                       for g in groups])
                 blocks.append(idx[rng.permutation(len(idx))])
             order = np.concatenate(blocks)
@@ -214,10 +248,12 @@ class ShardLoader:
         }
         if "ohlc" in self.columns:
             arrays["ohlc"] = binary_view(table.column("ohlc"), np.float32, (WINDOW, 4))
-        first = int(self._rg_start[g])
+        first = int(self._rg_start[g] - self._rg_offset[g])
         if arrays["index"][0] != first or arrays["index"][-1] != first + rows - 1:
             raise UserError(f"{uri}: row group {self._rg_local[g]} holds indices "
                             f"{arrays['index'][0]}..{arrays['index'][-1]}, expected "
                             f"{first}..{first + rows - 1}; rebuild the shards")
+        if self._rg_offset[g]:  # a val shard row of a fold: its position in the row space
+            arrays["index"] = arrays["index"] + self._rg_offset[g]
         return arrays
 

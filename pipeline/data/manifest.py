@@ -3,7 +3,8 @@
 A shard set is complete only once its manifest exists: `data shard` writes the manifest last,
 after every shard is published under its final name. The manifest carries, per shard, its row
 count, size, sha256 and row-group layout, so a reader can plan an epoch without opening every
-file, and `load_manifest(uri, verify=True)` refuses a shard that was truncated or changed.
+file, and `load_manifest(uri, verify=True)` refuses a shard that was truncated or changed. A
+shard set with cross-validation folds also carries their layout (`folds`, pipeline/data/folds.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 from typing import Any
 
 from pipeline import storage
+from pipeline.data import folds
 from pipeline.data.schema import WINDOWS_FILE
 from pipeline.errors import UserError
 
@@ -141,6 +143,8 @@ def check_manifest(manifest: Any, m_uri: str) -> None:
         if rows_per_split.get(split, 0) != n:
             raise UserError(f"{m_uri}: split {split!r} counts {n} rows but its shards hold "
                             f"{rows_per_split.get(split, 0)}")
+    if folds.FOLDS_KEY in manifest:  # its structure; `data validate` checks it against the rows
+        folds.check_structure(manifest[folds.FOLDS_KEY], m_uri, manifest["splits"])
 
 
 def verify_shard(dataset_uri: str, shard: dict) -> None:

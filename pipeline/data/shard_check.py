@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data import folds as folds_lib
 from pipeline.data import splits as splits_lib
 from pipeline.data.manifest import WINDOW, load_manifest, shard_uri, verify_shard
 from pipeline.data.shards import binary_view, shard_schema
@@ -114,7 +115,7 @@ def validate_shard_set(uri: str) -> tuple[dict, dict[str, dict], list[str]]:
     n_features = len(manifest["features"])
     expected_schema = shard_schema(manifest["features"])
     stats: dict[str, SplitStats] = {}
-    ids, groups, t0s, split_col, starts, ohlcs = [], [], [], [], [], []
+    ids, groups, t0s, split_col, starts, ohlcs, indices = [], [], [], [], [], [], []
     for shard in manifest["shards"]:
         s_uri = shard_uri(uri, shard)
         try:
@@ -140,12 +141,16 @@ def validate_shard_set(uri: str) -> tuple[dict, dict[str, dict], list[str]]:
             split_col.append(arrays["split"])
             starts.append(arrays["bar_index"])
             ohlcs.append(arrays["ohlc"])
+            indices.append(arrays["index"])
     summaries = {split: s.summary() for split, s in stats.items()}
     for split, summary in summaries.items():
         if summary["non_finite"]:
             problems.append(f"{uri}: split {split!r} has {summary['non_finite']} NaN/inf feature values")
     if ids and not problems:
         problems += _leakage_problems(uri, ids, groups, t0s, split_col, starts, ohlcs)
+    if ids and not problems and folds_lib.FOLDS_KEY in manifest:
+        problems += _fold_problems(uri, manifest, ids, groups, t0s, split_col, starts, ohlcs,
+                                   indices)
     return manifest, summaries, problems
 
 
@@ -221,3 +226,26 @@ def _leakage_problems(uri, ids, groups, t0s, split_col, starts, ohlcs) -> list[s
     if not leak.ok:
         out.append(f"{uri}: leakage between splits: {'; '.join(leak.examples)}")
     return out
+
+
+def _fold_problems(uri, manifest, ids, groups, t0s, split_col, starts, ohlcs, indices) -> list[str]:
+    """The fold layout recomputed from the rows (`folds.check_folds`): the rows of the splits
+    the folds cover, put in the row space (split by split, index order), with their positions
+    found as the folds found them (bar ordinals where every row has one, else t0 minutes)."""
+    layout = manifest[folds_lib.FOLDS_KEY]
+    split = pa.chunked_array(split_col).to_numpy(zero_copy_only=False).astype(str)
+    index = np.concatenate(indices)
+    row = np.concatenate([np.flatnonzero(split == s)[np.argsort(index[split == s], kind="stable")]
+                          for s in layout["splits"]])
+    bar_index = np.concatenate(starts)[row]
+    t0 = pa.chunked_array(t0s).take(pa.array(row))
+    t0_us = None if t0.null_count else np.asarray(t0.cast(pa.int64()).to_numpy())
+    if layout["key"] == "bar_index":  # the key the folds were made by, if the rows allow it
+        pos, key = splits_lib.positions(None, bar_index if (bar_index >= 0).all() else None)
+    else:
+        pos, key = splits_lib.positions(t0_us, None)
+    ohlc = np.concatenate(ohlcs)[row] if key == "t0" else None
+    return folds_lib.check_folds(
+        layout, folds_lib.split_rows(manifest), pos, key,
+        pa.chunked_array(groups).fill_null("").to_numpy(zero_copy_only=False)[row],
+        pa.chunked_array(ids).to_numpy(zero_copy_only=False)[row], ohlc, where=uri)

@@ -5,6 +5,10 @@ the bars, state carried across windows, sessions reset at gaps) and from each wi
 otherwise. Windows are then processed in chunks of CHUNK_WINDOWS in their source order, so
 memory holds the per-bar features plus one chunk, never all windows' features: 1.8M bars are
 ~90 MB of per-bar features whatever the stride.
+
+With folds (`--folds K`, pipeline/data/folds.py) the windows are written in time order instead
+(`splits.time_order`), so each fold group is one index range per split in the manifest, and
+each fold's label counts are gathered as the rows stream.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data import features as feats
+from pipeline.data import folds as folds_lib
 from pipeline.data import schema, splits
 from pipeline.data.manifest import SPLITS, WINDOW
 from pipeline.data.shards import ROW_GROUP_ROWS, ROWS_PER_SHARD, write_shard_set
@@ -85,8 +90,10 @@ def shard_dataset(in_uri: str, out_uri: str, *, feature_set: str = "relativity12
                   split_policy: str = "auto", val_fraction: float = 0.2,
                   test_fraction: float = 0.0, seed: int = 0,
                   rows_per_shard: int = ROWS_PER_SHARD, row_group_rows: int = ROW_GROUP_ROWS,
+                  folds: folds_lib.FoldSpec | None = None,
                   progress: Progress | None = None) -> dict:
-    """Read the canonical windows at `in_uri`, write shards and manifest to `out_uri`."""
+    """Read the canonical windows at `in_uri`, write shards and manifest to `out_uri`; with
+    `folds`, the fold layout over the non-test windows goes into the manifest too."""
     progress = progress or (lambda step, done, total: None)
     names = feats.feature_names(feature_set)
     if rows_per_shard < 1:
@@ -125,14 +132,53 @@ def shard_dataset(in_uri: str, out_uri: str, *, feature_set: str = "relativity12
     extra = {"feature_set": feature_set, "split_policy": report.to_dict(), "source": source,
              "seed": ws.meta.get("seed"), "leakage": leak.to_dict(),
              "excluded": {"embargo": report.embargoed}, "split_summary": report.summary()}
-    chunks = _chunks(ws, split, names, feature_set, bar_state, progress)
+    order, counter = np.arange(n), None
+    if folds is not None:
+        order, layout, counter = _fold_layout(folds, ws, split, t0, bar_index, group_id, ohlc)
+        extra[folds_lib.FOLDS_KEY] = layout
+    chunks = _chunks(ws, split, names, feature_set, bar_state, progress, order, counter)
+    if counter is not None:
+        # write_shard_set builds the manifest after the last chunk: the counts land in it
+        chunks = _then(chunks, lambda: counter.write(extra[folds_lib.FOLDS_KEY]))
     return write_shard_set(out_uri, names, chunks, extra=extra, rows_per_shard=rows_per_shard,
                            row_group_rows=row_group_rows)
 
 
+def _then(chunks, done: Callable[[], None]):
+    yield from chunks
+    done()
+
+
+def _fold_layout(spec: folds_lib.FoldSpec, ws: schema.WindowSet, split: np.ndarray, t0,
+                 bar_index, group_id: np.ndarray, ohlc):
+    """(write order, manifest fold layout, label counter) for folds over the non-test windows.
+
+    The rows are written in time order, so a split's index follows time and the fold windows'
+    row space (the fold splits' rows, index order) is `order` restricted to each split in turn.
+    """
+    pos, key = splits.positions(t0, bar_index)
+    if pos is None:
+        raise UserError("--folds needs a position for every window (t0 or bar_index) to cut "
+                        "them into groups in time; this data set has windows without one")
+    window_id = np.asarray(ws.windows.column("window_id").to_numpy(zero_copy_only=False),
+                           dtype=object)
+    order = splits.time_order(pos, group_id, window_id)
+    fold_splits = [s for s in ("train", "val") if (split == s).any()]
+    members = np.concatenate([order[split[order] == s] for s in fold_splits])
+    rows = [(s, int((split == s).sum())) for s in fold_splits]
+    fold_ohlc = None
+    if key == "t0":  # as the shards store them: `data validate` recomputes from those bytes
+        fold_ohlc = (ohlc if ohlc is not None else ws.ohlc())[members].astype(np.float32)
+    plan = folds_lib.plan_folds(spec, pos[members], group_id[members], window_id[members], key,
+                                fold_ohlc)
+    return order, folds_lib.build_layout(plan, rows), folds_lib.FoldLabelCounter(plan, rows)
+
+
 def _chunks(ws: schema.WindowSet, split: np.ndarray, names: list[str], feature_set: str,
-            bar_state, progress: Progress):
-    """(split, columns) per chunk of windows in source order, with each split's running index."""
+            bar_state, progress: Progress, order: np.ndarray,
+            fold_counter: folds_lib.FoldLabelCounter | None = None):
+    """(split, columns) per chunk of windows taken in `order` (source rows: source order, or
+    time order with folds), with each split's running index."""
     n = len(ws)
     t = ws.windows
     label = ws.column("label")
@@ -141,34 +187,39 @@ def _chunks(ws: schema.WindowSet, split: np.ndarray, names: list[str], feature_s
     t0_col = t.column("t0")
     next_index = {s: 0 for s in SPLITS}
     for lo in range(0, n, CHUNK_WINDOWS):
-        hi = min(lo + CHUNK_WINDOWS, n)
-        ohlc, features, valid = _chunk_features(ws, lo, hi, starts, feature_set, bar_state)
+        chunk = order[lo:lo + CHUNK_WINDOWS]
+        ohlc, features, valid = _chunk_features(ws, chunk, starts, feature_set, bar_state)
         for name in SPLITS:
-            rows = np.flatnonzero(split[lo:hi] == name)
+            rows = np.flatnonzero(split[chunk] == name)
             if rows.size == 0:
                 continue
-            take = pa.array(rows + lo)
-            yield name, dict(
+            source = chunk[rows]
+            take = pa.array(source)
+            columns = dict(
                 window_id=t.column("window_id").take(take),
                 group_id=t.column("group_id").take(take),
-                t0=t0_col.take(take), bar_index=starts[rows + lo],
+                t0=t0_col.take(take), bar_index=starts[source],
                 index=np.arange(next_index[name], next_index[name] + rows.size),
                 features=features[rows], valid=valid[rows], ohlc=ohlc[rows].astype(np.float32),
-                label=label[rows + lo], expansion_start=exp_start[rows + lo],
-                expansion_end=exp_end[rows + lo],
+                label=label[source], expansion_start=exp_start[source],
+                expansion_end=exp_end[source],
             )
+            if fold_counter is not None:
+                fold_counter.add(name, columns["index"], columns)
+            yield name, columns
             next_index[name] += rows.size
-        progress("shards", hi, n)
+        progress("shards", lo + len(chunk), n)
 
 
-def _chunk_features(ws, lo, hi, starts, feature_set, bar_state):
-    """OHLC float64 [c,105,4], features float32 [c,105,F], valid [c,105] of windows lo..hi."""
-    chunk_starts = starts[lo:hi]
-    from_bars = chunk_starts >= 0 if bar_state is not None else np.zeros(hi - lo, bool)
-    ohlc = np.empty((hi - lo, WINDOW, 4), np.float64)
+def _chunk_features(ws, rows, starts, feature_set, bar_state):
+    """OHLC float64 [c,105,4], features float32 [c,105,F], valid [c,105] of the source rows."""
+    chunk_starts = starts[rows]
+    c = len(rows)
+    from_bars = chunk_starts >= 0 if bar_state is not None else np.zeros(c, bool)
+    ohlc = np.empty((c, WINDOW, 4), np.float64)
     n_f = len(feats.feature_names(feature_set))
-    features = np.empty((hi - lo, WINDOW, n_f), np.float32)
-    valid = np.empty((hi - lo, WINDOW), bool)
+    features = np.empty((c, WINDOW, n_f), np.float32)
+    valid = np.empty((c, WINDOW), bool)
     if from_bars.any():
         bar_ohlc, bar_feat, bar_valid = bar_state
         s = chunk_starts[from_bars]
@@ -177,8 +228,7 @@ def _chunk_features(ws, lo, hi, starts, feature_set, bar_state):
                                                                         feature_set)
     inline = ~from_bars
     if inline.any():
-        rows = np.flatnonzero(inline) + lo
-        col = ws.windows.column("ohlc").take(pa.array(rows)).combine_chunks()
+        col = ws.windows.column("ohlc").take(pa.array(rows[inline])).combine_chunks()
         ohlc[inline] = col.flatten().to_numpy().reshape(-1, WINDOW, 4)
         base, valid[inline] = feats.window_features(ohlc[inline])
         features[inline] = feats.with_feature_set(base, feature_set)

@@ -76,8 +76,11 @@ class SplitReport:
         return text
 
 
-def _positions(t0, bar_index) -> tuple[np.ndarray | None, str]:
-    """Each window's first bar on a common axis (bars), or None when some window has none."""
+def positions(t0, bar_index) -> tuple[np.ndarray | None, str]:
+    """Each window's first bar on a common axis (bars, or minutes from t0) and its key
+    ("bar_index" or "t0"), or (None, "") when some window has none. Minutes are floored from
+    the epoch before the first window is subtracted, so the difference between two windows does
+    not depend on which other windows are passed (folds and `data validate` see subsets)."""
     if bar_index is not None:
         pos = np.asarray(bar_index, dtype=np.int64)
         if len(pos) and (pos >= 0).all():
@@ -92,7 +95,8 @@ def _positions(t0, bar_index) -> tuple[np.ndarray | None, str]:
             valid = t != np.iinfo(np.int64).min
         if len(t) and valid.all():
             # minutes since the first window; integer division keeps equal times equal
-            return (t - t.min()) // MINUTE_US, "t0"
+            minutes = t // MINUTE_US
+            return minutes - minutes.min(), "t0"
     return None, ""
 
 
@@ -117,7 +121,7 @@ def assign_splits(t0, group_id, policy: str = "auto", val_fraction: float = 0.2,
     group_id = np.asarray(group_id, dtype=object)
     n = len(group_id)
     n_train, n_val, n_test = split_sizes(n, val_fraction, test_fraction)
-    pos, key = _positions(t0, bar_index)
+    pos, key = positions(t0, bar_index)
     if policy == "auto":
         policy = "time" if pos is not None else "group"
     if policy == "time":
@@ -150,8 +154,18 @@ def assign_splits(t0, group_id, policy: str = "auto", val_fraction: float = 0.2,
     return split, report
 
 
+def time_order(pos: np.ndarray, groups, window_id=None) -> np.ndarray:
+    """Row order by first bar, ties by group_id (then window_id when given): the one order the
+    time split, the folds and the fold-ordered shards share. Deterministic in the values alone
+    when window_id is given (ids are unique), whatever order the rows arrive in."""
+    keys = [np.asarray(groups, dtype=str), np.asarray(pos)]
+    if window_id is not None:
+        keys.insert(0, np.asarray(window_id, dtype=str))
+    return np.lexsort(keys)
+
+
 def _time_split(pos: np.ndarray, groups: np.ndarray, sizes, embargo_bars: int) -> np.ndarray:
-    order = np.lexsort((groups, pos))            # by first bar, ties by group_id: deterministic
+    order = time_order(pos, groups)
     names = np.repeat(np.array(SPLITS, dtype=object), sizes)
     split = np.empty(len(pos), dtype=object)
     split[order] = names
@@ -209,7 +223,18 @@ def shared_bars(ohlc, split) -> list[tuple[int, int, int]]:
     in_split = np.flatnonzero(np.isin(split, SPLITS))
     if in_split.size < 2:
         return []
-    h = _bar_hashes(np.asarray(ohlc)[in_split])
+    return [(int(in_split[a]), int(in_split[b]), n)
+            for a, b, n in overlapping_pairs(np.asarray(ohlc)[in_split], split[in_split])]
+
+
+def overlapping_pairs(ohlc, labels=None) -> list[tuple[int, int, int]]:
+    """(a, b, bars) for every pair of windows where b's first bars are a's last ones (b[:105-k]
+    equals a[k:]), found from the bars' content: the rule `shared_bars` applies across splits
+    and the folds apply between a fold's train and test windows. With `labels`, only pairs of
+    different labels are compared (windows of one split may overlap freely)."""
+    if len(ohlc) < 2:
+        return []
+    h = _bar_hashes(np.asarray(ohlc))
     heads: dict[int, list[int]] = {}
     for j, first in enumerate(h[:, 0].tolist()):
         heads.setdefault(first, []).append(j)
@@ -217,10 +242,10 @@ def shared_bars(ohlc, split) -> list[tuple[int, int, int]]:
     hits = np.argwhere(np.isin(h, np.fromiter(heads, np.uint64, len(heads))))
     for i, k in hits.tolist():
         for j in heads[int(h[i, k])]:
-            if j == i or split[in_split[i]] == split[in_split[j]]:
+            if j == i or (labels is not None and labels[i] == labels[j]):
                 continue
             if np.array_equal(h[i, k:], h[j, :WINDOW - k]):
-                out.append((int(in_split[i]), int(in_split[j]), WINDOW - k))
+                out.append((int(i), int(j), WINDOW - k))
     return out
 
 
@@ -270,7 +295,7 @@ def check_leakage(split, group_id, bar_index=None, t0=None, window: int = WINDOW
     shared = sorted({str(g) for g in shared})  # plain str: messages show 'g0', not np.str_
     examples = [f"group {g!r} is in more than one split" for g in shared[:5]]
     pairs = 0
-    pos, _ = _positions(t0, bar_index)
+    pos, _ = positions(t0, bar_index)
     if pos is not None:
         idx = np.flatnonzero(in_split)
         idx = idx[np.argsort(pos[idx], kind="stable")]

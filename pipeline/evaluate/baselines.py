@@ -39,6 +39,7 @@ class Baselines:
         start = torch.as_tensor(np.asarray(train["expansion_start"]))
         end = torch.as_tensor(np.asarray(train["expansion_end"]))
         labeled = label >= 0
+        self.windows = len(label)
         window = labeled & (start.numpy() >= 0)
         bars = window[:, None] & np.asarray(train["valid"]).astype(bool)
         in_span = span_target(start, end).numpy() > 0.5
@@ -72,5 +73,5 @@ class Baselines:
 
     def describe(self) -> dict:
         """What each baseline predicts, for the JSON (small numbers only)."""
-        return {"type_prior": self.prior.round(4).tolist(), "span_base_rate": round(self.base_rate, 4),
+        return {"windows": self.windows, "type_prior": self.prior.round(4).tolist(), "span_base_rate": round(self.base_rate, 4),
                 "pointer_mean": self.pointer.round(4).tolist()}

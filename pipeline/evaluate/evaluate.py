@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.data.folds import fold_view
 from pipeline.errors import UserError
 from pipeline.evaluate.baselines import TASK_BASELINES, Baselines
 from pipeline.evaluate.threshold import choose_threshold, read_threshold
@@ -37,17 +38,20 @@ SELECTION_NOTE = ("val is the selection split: the checkpoint and the span thres
 def evaluate_run(run: str, split: str = "test", checkpoint: str = "best", bootstrap: int = 1000,
                  seed: int = 0, out: str | None = None) -> dict:
     cfg, manifest = run_files(run)
+    # A run on a cross-validation fold: its train and val are the fold's (val: the test block)
+    manifest = fold_view(manifest, cfg.fold, cfg.data)
     _check_split(cfg.data, manifest, split)
     ckpt_name, state = read_checkpoint(run, checkpoint)
     model, loss_cfg = build_model(state, cfg)
     tasks, classes, scale = model.tasks, model.model.cfg.num_classes, loss_cfg.countdown_scale
-    val_out, val_batch = predict(model, cfg.data, "val")
-    test_out, test_batch = (val_out, val_batch) if split == "val" else predict(model, cfg.data, split)
+    val_out, val_batch = predict(model, cfg.data, "val", fold=cfg.fold)
+    test_out, test_batch = ((val_out, val_batch) if split == "val"
+                            else predict(model, cfg.data, split, fold=cfg.fold))
     threshold, threshold_source = _threshold(run, checkpoint, val_out, val_batch)
 
     rows = {"model": window_rows(test_out, test_batch, tasks, classes, scale, threshold)}
     thresholds = {"model": threshold}
-    train = split_labels(cfg.data, "train")
+    train = split_labels(cfg.data, "train", fold=cfg.fold)
     baselines = Baselines(train, classes, scale)
     n = len(test_batch["label"])
     for task in tasks:
@@ -62,7 +66,7 @@ def evaluate_run(run: str, split: str = "test", checkpoint: str = "best", bootst
             thresholds[key] = b_thr
 
     result = {
-        "run": run, "split": split, "checkpoint": ckpt_name, "windows": n,
+        "run": run, "split": split, "fold": cfg.fold, "checkpoint": ckpt_name, "windows": n,
         "selection_split": split == "val", "note": SELECTION_NOTE if split == "val" else None,
         "span_threshold": threshold, "threshold_source": threshold_source,
         "bootstrap": bootstrap, "seed": seed, "baseline_fit": baselines.describe(),
@@ -87,10 +91,12 @@ def _check_split(data: str, manifest: dict, split: str) -> None:
         raise UserError(f"{data} has no val split")
 
 
-def predict(model, data: str, split: str, batch_size: int = 512) -> tuple[dict, dict]:
-    """(outputs, batch) of a whole split as numpy, in index order."""
+def predict(model, data: str, split: str, batch_size: int = 512,
+            fold: int | None = None) -> tuple[dict, dict]:
+    """(outputs, batch) of a whole split (of `fold`, when given) as numpy, in index order."""
     from pipeline.data.loader import ShardLoader
-    loader = ShardLoader(data, split, batch_size=batch_size, seed=0, shuffle=False, verify=False)
+    loader = ShardLoader(data, split, batch_size=batch_size, seed=0, shuffle=False, verify=False,
+                         fold=fold)
     outs, batches = [], []
     with torch.no_grad():
         for batch in loader:
@@ -100,10 +106,11 @@ def predict(model, data: str, split: str, batch_size: int = 512) -> tuple[dict, 
     return _cat(outs), _cat(batches)
 
 
-def split_labels(data: str, split: str) -> dict:
-    """The labels and valid masks of a split (no model)."""
+def split_labels(data: str, split: str, fold: int | None = None) -> dict:
+    """The labels and valid masks of a split (of `fold`, when given; no model)."""
     from pipeline.data.loader import ShardLoader
-    loader = ShardLoader(data, split, batch_size=4096, seed=0, shuffle=False, verify=False)
+    loader = ShardLoader(data, split, batch_size=4096, seed=0, shuffle=False, verify=False,
+                         fold=fold)
     return _cat([{k: v.numpy() for k, v in b.items() if k != "features"} for b in loader])
 
 

@@ -77,9 +77,11 @@ def prepare_run(cfg: TrainConfig, resume: bool, overrides: dict | None = None) -
 
 def preflight(cfg: TrainConfig) -> dict:
     """Everything a user can get wrong, checked before anything is written: the data's manifest
-    and splits, model, loss and weighting settings. Returns the manifest."""
+    and splits, model, loss and weighting settings. Returns the manifest (as the run's fold
+    sees it, with --fold)."""
     from dataclasses import asdict
 
+    from pipeline.data.folds import fold_view
     from pipeline.data.manifest import load_manifest
     from pipeline.model import JadeConfig
     from pipeline.reducer import LossConfig, build_weighting
@@ -87,6 +89,10 @@ def preflight(cfg: TrainConfig) -> dict:
     # Every shard's size and sha256 now, before OUT gets anything: a corrupt shard must not
     # leave a config.yaml behind that makes the rerun "already hold a run".
     manifest = load_manifest(cfg.data, verify=True, flag="--data")
+    # With --fold, "train" and "val" are the fold's train windows and test block: the counts
+    # below (empty, unlabeled, batch size, auto loss weights) are the fold's. The run directory
+    # still gets the data's own manifest.json.
+    manifest = fold_view(manifest, cfg.fold, cfg.data)
     for split in ("train", "val"):
         if not manifest.get("splits", {}).get(split):
             raise UserError(f"{cfg.data}: the {split} split is empty; re-shard with a "
