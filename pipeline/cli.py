@@ -22,6 +22,7 @@ COMMANDS = [
     ("evaluate", "evaluate"),
     ("predict", "predict"),
     ("export", "export"),
+    ("sweep", "sweep"),
     ("jobs", "submit"),
     ("jobs", "status"),
     ("jobs", "logs"),
