@@ -1,17 +1,20 @@
-"""The end of a run with Ray workers: no dead time in Ray's placement-group cleaner, and a report
-written before the run is declared finished, so a job stopped right after its last epoch still
-has one. How long the end takes is measured in bench/train_overhead.py --run-end, not here."""
+"""`make demo` and the end of a run with Ray workers: our console lines only (Ray's output in
+OUT/ray.log), no dead time in Ray's placement-group cleaner, and a report written before the run
+is declared finished, so a job stopped right after its last epoch still has one. How long the
+end takes is measured in bench/train_overhead.py --run-end, not here."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.fixtures.cli import run_cli
+from tests.fixtures.cli import REPO
 from tests.test_jobs import _cli, _job_id
 from tests.test_train_local import SMALL_MODEL, make_shards
 
@@ -30,20 +33,21 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_worker_run(data, tmp_path_factory):
-    """A 1-worker run on a local Ray, with RAY_ADDRESS naming a cluster that is gone in its
-    environment: what the cleaner's state-API lookup finds when an earlier `ray start` left its
-    address behind (the run itself starts its own local Ray)."""
-    shards, config = data
-    out = tmp_path_factory.mktemp("one-worker") / "run"
-    proc = run_cli("train", "--workers", "1", "--data", shards, "--out", out, "--config", config,
-                   "--epochs", "2", "--batch-size", "8", env={"RAY_ADDRESS": "127.0.0.1:1"},
-                   timeout=300)
-    return out, proc
+def demo_run(tmp_path_factory):
+    """`make demo` itself (infra/demo.sh: synth, shard, inspect, 2 workers on a local Ray), with
+    RAY_ADDRESS naming a cluster that is gone in its environment: what the cleaner's state-API
+    lookup finds when an earlier `ray start` left its address behind (the run itself starts its
+    own local Ray)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", PYTHONUNBUFFERED="1",
+               MOOLA_CLI=f"{sys.executable} -m pipeline.cli")
+    proc = subprocess.run(["bash", "infra/demo.sh", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return out / "run", proc
 
 
-def test_a_run_with_a_stale_ray_address_around_ends_without_the_cleaner_timeout(one_worker_run):
-    out, proc = one_worker_run
+def test_make_demo_ends_without_the_cleaner_timeout_and_names_the_report(demo_run):
+    out, proc = demo_run
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     for needle in CLEANER_TIMEOUT + ("Traceback",):
@@ -52,18 +56,18 @@ def test_a_run_with_a_stale_ray_address_around_ends_without_the_cleaner_timeout(
     assert f"report: {out / 'report.html'}" in proc.stdout
 
 
-def test_the_console_shows_our_epoch_lines_and_keeps_rays_output_in_the_run_dir(one_worker_run):
-    out, proc = one_worker_run
+def test_make_demo_shows_our_lines_and_keeps_rays_output_in_the_run_dir(demo_run):
+    out, proc = demo_run
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     for ray_internal in ("(RayTrainWorker", "(TrainController", "Reporting training result",
-                         "core_worker.cc", "Traceback"):
+                         "core_worker.cc", "Traceback", "Token authentication", "pid="):
         assert ray_internal not in text, text[-3000:]
-    assert re.search(r"^epoch 1/2 \| train ", proc.stdout, re.M), text[-3000:]
-    assert re.search(r"^epoch 2/2 \| train ", proc.stdout, re.M), text[-3000:]
+    for epoch in range(1, 6):
+        assert re.search(rf"^epoch {epoch}/5 \| train ", proc.stdout, re.M), text[-3000:]
     assert f"Ray's own output: {out / 'ray.log'}" in proc.stdout
     ray_log = (out / "ray.log").read_text()
-    assert "epoch 2/2 | train" in ray_log  # rank 0's own line, as its worker printed it
+    assert "epoch 5/5 | train" in ray_log  # rank 0's own line, as its worker printed it
 
 
 def test_a_job_stopped_right_after_its_last_epoch_has_its_report(ray_cluster, data, tmp_path):
