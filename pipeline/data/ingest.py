@@ -132,11 +132,11 @@ def _record_lines(data: bytes) -> list[int]:
 
 # --- reading files -------------------------------------------------------------------------
 
-def _is_csv(uri: str) -> bool:
+def is_csv(uri: str) -> bool:
     return uri.lower().endswith((".csv", ".csv.gz", ".txt"))
 
 
-def _is_parquet(uri: str) -> bool:
+def is_parquet(uri: str) -> bool:
     return uri.lower().endswith((".parquet", ".pq", ".parq"))
 
 
@@ -149,9 +149,9 @@ def read_table_lines(uri: str) -> tuple[pa.Table, Callable[[int], int] | None]:
     """`read_table`, and for a CSV the map of data rows to file lines (`csv_line_of`)."""
     if not storage.exists(uri):
         raise UserError(f"{uri}: not found")
-    if _is_parquet(uri):
+    if is_parquet(uri):
         return schema.read_parquet(uri), None
-    if not _is_csv(uri):
+    if not is_csv(uri):
         raise UserError(f"{uri}: unknown file type; use a .csv or .parquet file")
     data = storage.read_bytes(uri)
     if uri.lower().endswith(".gz"):
@@ -273,7 +273,7 @@ def _bars_parquet(uri: str) -> tuple[pa.Table, list[str], list[str]]:
     notes: list[str] = []
     rename = {}
     if "timestamp" not in names:
-        index = _pandas_time_index(file_schema)
+        index = pandas_time_index(file_schema)
         if index:
             rename[index] = "timestamp"
             notes.append(f"timestamp from the pandas index {index!r}")
@@ -287,7 +287,7 @@ def _bars_parquet(uri: str) -> tuple[pa.Table, list[str], list[str]]:
     return table, ignored, notes
 
 
-def _pandas_time_index(file_schema: pa.Schema) -> str | None:
+def pandas_time_index(file_schema: pa.Schema) -> str | None:
     import json
 
     raw = (file_schema.metadata or {}).get(b"pandas")
@@ -307,7 +307,7 @@ def read_bars(uri: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """(timestamps int64 us UTC [N], ohlc float64 [N,4], ignored columns, notes), fully checked."""
     notes: list[str] = []
     line_of = None
-    if _is_parquet(uri):
+    if is_parquet(uri):
         table, ignored, notes = _bars_parquet(uri)
     else:
         table, line_of = read_table_lines(uri)
@@ -413,7 +413,7 @@ def _label_starts(col: pa.ChunkedArray, ts: np.ndarray, problems: Problems) -> n
 # --- moola labeled parquet -------------------------------------------------------------------
 
 def ingest_moola(uri: str) -> Ingested:
-    if not _is_parquet(uri):
+    if not is_parquet(uri):
         raise UserError(f"{uri}: --format moola reads a Parquet file (.parquet)")
     table = schema.read_parquet(uri)
     schema.require_columns(table.column_names, MOOLA_COLUMNS, uri, MOOLA_OPTIONAL)
