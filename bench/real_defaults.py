@@ -62,7 +62,7 @@ def one_seed(tmp: Path, seed: int, args) -> dict:
         "--retracement-fraction", 0.15, "--expansion-median", 2)
     cli("data", "shard", "--in", tmp / f"w{seed}", "--out", data, "--test-fraction", 0.2)
     out = {}
-    for arm, text in ARM_SETS[args.arms].items():
+    for arm, text in arms(args).items():
         cfg = tmp / f"{arm}.yaml"
         cfg.write_text(text)
         run = tmp / f"{arm}{seed}"
@@ -82,6 +82,11 @@ def one_seed(tmp: Path, seed: int, args) -> dict:
     return out
 
 
+def arms(args) -> dict[str, str]:
+    chosen = ARM_SETS[args.arms]
+    return {k: v for k, v in chosen.items() if not args.only or k in args.only.split(",")}
+
+
 def ci(entry: dict | None) -> str:
     if not entry or entry.get("value") is None:
         return "-"
@@ -97,12 +102,14 @@ def main() -> None:
     parser.add_argument("--arms", choices=sorted(ARM_SETS), default="loss",
                         help="loss: old against new loss defaults; defaults: the other "
                              "defaults against one change each")
+    parser.add_argument("--only", help="comma-separated arms of the set to run (default: all)")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     started = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory(prefix="moola-defaults-") as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             results[seed] = one_seed(Path(tmp), seed, args)
     print(f"{args.windows} windows (15% retracement, expansion median 2 bars), test 20%, "
           f"{args.epochs} epochs, batch 32, local mode; test metrics with 95% bootstrap CI")
@@ -119,7 +126,7 @@ def main() -> None:
             print(f"{seed:>4} {arm:<4} collapse alarms raised: "
                   f"{', '.join(r['collapsed']) or 'none'}; {' '.join(r['loss_config'])}")
     print("\nmean over seeds (model value; lift):")
-    for arm in ARM_SETS[args.arms]:
+    for arm in arms(args):
         for metric in SHOWN:
             vals = [results[s][arm]["metrics"][metric] for s in results
                     if metric in results[s][arm]["metrics"]]
