@@ -18,7 +18,8 @@ Figures per check:
 - grad_ratio_countdown_pointer  grad_norm[countdown] / grad_norm[pointer] (the old pipeline
                                 measured 0.18 and targeted ~1.0)
 - starving               tasks whose share stayed below `starve_share` for
-                         `starve_checks` consecutive checks.
+                         `starve_checks` consecutive checks (the worker loop passes the
+                         run's `alarms.starve_share` and `alarms.starve_checks`).
 The span and countdown heads read the per-bar LSTM output, so their shared gradient flows
 only through the LSTM; the type and pointer heads reach it through the projection.
 """
@@ -112,7 +113,13 @@ class GradientProbe:
         return self.last
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "below": dict(self.below)}
+        """What a resumed run continues: the step count, the starving streaks and the last
+        check (an epoch's record reports it). The schedule and thresholds are configuration:
+        a resumed run takes its own (`alarms.starve_share`, `alarms.starve_checks`)."""
+        return {"steps": self.steps, "below": dict(self.below), "last": self.last}
 
     def load_state_dict(self, sd: dict) -> None:
+        # Older checkpoints hold the probe's whole __dict__ (thresholds too): only the state
+        # is taken from them.
         self.steps, self.below = int(sd["steps"]), dict(sd["below"])
+        self.last = sd.get("last")
