@@ -132,7 +132,21 @@ def test_evaluate_reads_a_run_in_s3(run, s3_bucket, monkeypatch):
     assert "runs/r1/eval/test.json" in " ".join(s3_bucket.keys())
     local = evaluate_run(str(out), bootstrap=50, out=str(out / "eval" / "local.json"))
     remote = json.loads(storage.read_bytes(f"{s3_bucket.uri}/runs/r1/eval/test.json"))
-    assert remote["metrics"] == local["metrics"]
+    # the same figures; another process may run torch with another thread count (earlier tests
+    # in this one set it), which moves the last bits of the model's outputs
+    assert _numbers(remote["metrics"]) == pytest.approx(_numbers(local["metrics"]), rel=1e-6,
+                                                        abs=1e-9)
+
+
+def _numbers(tree, prefix="") -> dict:
+    """{dotted key: number} of a nested dict (None and strings as they are)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = float(value)
+    return out
 
 
 def test_events_are_decoded_runs_matched_by_iou():
