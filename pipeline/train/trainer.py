@@ -352,6 +352,7 @@ def _name_out(message: str, cfg: TrainConfig) -> str:
 
 
 POLL_S = 0.5  # how often the driver looks at metrics.jsonl while Ray trains
+STOP_WAIT_S = 10.0  # how long a stop waits for local mode's training thread to reach a step
 
 
 class RunInterrupted(UserError):
@@ -450,6 +451,8 @@ def fit(trainer, cfg: TrainConfig, progress, report: RunReport) -> object:
         except BaseException as exc:  # re-raised in the main thread
             box["error"] = exc
 
+    from pipeline.train.worker import STOP
+    STOP.clear()  # a stop of an earlier run in this process is not this run's
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     with StopSignals() as signals:
         try:
@@ -461,7 +464,7 @@ def fit(trainer, cfg: TrainConfig, progress, report: RunReport) -> object:
                 report.at_last_record(signals)
         except (KeyboardInterrupt, _Terminated) as exc:
             signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
-            raise interrupted(cfg, report, signum) from None
+            raise interrupted(cfg, report, signum, thread) from None
     progress.update(seen)
     if "error" in box:
         exc = box["error"]
@@ -482,12 +485,18 @@ def fit(trainer, cfg: TrainConfig, progress, report: RunReport) -> object:
     return result
 
 
-def interrupted(cfg: TrainConfig, report: RunReport, signum: int) -> RunInterrupted:
-    """The report of the finished epochs, then where a --resume would continue. Ray's workers
-    are stopped first; local mode's training thread goes on until the process exits."""
+def interrupted(cfg: TrainConfig, report: RunReport, signum: int,
+                thread: threading.Thread | None = None) -> RunInterrupted:
+    """The report of the finished epochs, then where a --resume would continue. Training stops
+    first, so the report does not compete with it: Ray's workers with Ray, local mode's training
+    thread at its next step (worker.STOP)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop must not cut the report
     how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM (a stop)"
-    stop_ray()  # Ray's workers stop here, so the report does not compete with them for CPU
+    from pipeline.train.worker import STOP
+    STOP.set()
+    if thread is not None and cfg.cluster.workers == 0:
+        thread.join(timeout=STOP_WAIT_S)
+    stop_ray()  # Ray's workers stop here
     records = rundir.read_metrics(cfg.out)
     written = None
     if records:

@@ -27,6 +27,7 @@ of times).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,15 @@ from pipeline.train.rundir import write_worker_marker
 from pipeline.train.run_state import RunState, manifest_hash
 from pipeline.train.runtime import Runtime
 from pipeline.train.step import WARMUP_DDP, WARMUP_SINGLE, TrainStep, graph_plan
+
+
+# Set by the driver on Ctrl-C/SIGTERM: local mode trains in a thread of the driver process, which
+# would otherwise keep training (and hold the GIL) while the driver writes the report.
+STOP = threading.Event()
+
+
+class Stopped(Exception):
+    """Training stopped at the driver's request (STOP), between two steps."""
 
 
 def run_worker(cfg: TrainConfig, runtime: Runtime, objective_type=MultiTaskObjective) -> None:
@@ -156,6 +166,8 @@ def train_epoch(run: RunState, step: TrainStep, t: TrainSection) -> TrainedEpoch
     # ahead of feed.loader_state (the position a checkpoint records).
     feed = DeviceFeed(position.loader, runtime.rank, runtime.world, runtime.device)
     for batch in feed:
+        if STOP.is_set():
+            raise Stopped("stopped by the driver")
         last = position.ends_epoch(feed.loader_state)
         probe = (run.objective.probe_hook(step.model)
                  if probe_due(t.probe, t.probe_every, progress.step, last) else None)
